@@ -1,0 +1,84 @@
+"""The bundle: what ships to a device. Model files, tokenizer, golden smoke-test data, the task set,
+and manifest.json (sha256 of every file, provenance, versions, profile). Written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, onnx_lm
+from .artifact import Artifact, hash_dir
+from .config import Profile, Target
+from .data import Splits, encode
+from .evaluate import max_new_tokens_for
+
+FORMAT = "edgeft-bundle/1"
+TOOLS = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "onnxruntime", "tokenizers")
+GOLDEN_ATOL = 1e-3  # the same model on another CPU: float reorderings stay far below this
+
+
+def tool_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"edgeft": __version__, "python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def assemble(
+    out: Path,
+    final: Artifact,
+    splits: Splits,
+    target: Target,
+    profile: Profile,
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """Fill `out` (an empty temp dir) with the bundle; returns the manifest."""
+    from transformers import AutoTokenizer
+
+    for item in final.path.iterdir():
+        if item.name.startswith("model.onnx"):
+            shutil.copyfile(item, out / item.name)
+    shutil.copytree(final.path / "tokenizer", out / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+
+    # Golden: what this exact model file gives on the host, for the device's smoke test.
+    backend = onnx_lm.load(out / "model.onnx")
+    golden_ids = np.asarray([encode(tokenizer, splits.test[0])[0]], dtype=np.int64)
+    golden_logits, _ = backend.forward(golden_ids, backend.empty_past())
+    np.savez(out / "golden.npz", input_ids=golden_ids, logits=np.asarray(golden_logits, dtype=np.float32))
+
+    task = {
+        "max_new_tokens": max_new_tokens_for(tokenizer, splits.test),
+        "examples": [dict(zip(("prompt_ids", "completion_ids"), encode(tokenizer, e))) for e in splits.test],
+    }
+    (out / "task.json").write_text(json.dumps(task))
+
+    manifest = {
+        "format": FORMAT,
+        "target": target.name,
+        "runtime": target.runtime,
+        "threads": target.threads,
+        "model": {
+            "file": "model.onnx",
+            "precision": final.info.get("precision"),
+            **{k: final.info[k] for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "eos_token_id")},
+        },
+        "measure": profile.measure.model_dump(),
+        "golden": {"file": "golden.npz", "atol": GOLDEN_ATOL},
+        "task": {"file": "task.json", "source": str(splits.source), "split": "test", "n": len(splits.test)},
+        "files": hash_dir(out, skip=("manifest.json", "report.json")),
+        "provenance": provenance,
+        "profile": profile.model_dump(mode="json"),
+        "tools": tool_versions(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,156 @@
+"""The `edgeft` command line: parse, call the library, print, map errors to exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .errors import EdgeftError
+
+# Human output goes to stderr, so `--json` leaves stdout clean for machines.
+console = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as progress:
+        yield progress
+
+
+class _Group(click.Group):
+    """Turns EdgeftError into one line on stderr and its exit code; --debug shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeftError as exc:
+            if ctx.meta.get("debug"):
+                raise
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("interrupted; nothing half-written was kept")
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgeft")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """edgeft: fine-tune a causal LM with QLoRA, compress and export it for an edge device, then
+    measure it on that device and gate the build on latency, memory and accuracy budgets.
+
+    \b
+    Quick start (the built-in demo, measured on this machine):
+      edgeft build --target rpi5
+    \b
+    On a lab device over SSH (see hil/lab.yaml):
+      edgeft build --target rpi5 --device rpi5-lab-1
+    """
+    ctx.meta["debug"] = debug
+
+
+@main.command()
+@click.option("--target", "-t", required=True, help="Target name (see `edgeft targets`) or path to a target YAML.")
+@click.option("--profile", "-p", help="Profile name or YAML path. Default: the target's default_profile.")
+@click.option("--model", type=click.Path(path_type=Path), help="Local Hugging Face causal-LM dir. Default: the built-in demo model.")
+@click.option("--data", type=click.Path(path_type=Path), help='JSONL of {"prompt", "completion"} lines. Default: the demo task.')
+@click.option("--device", "-d", default="local", show_default=True, help="'local' (this machine) or a device name from the lab file.")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Bundle directory. Default: build/<target>.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts (like ssh's accept-new).")
+@click.option("--force", is_flag=True, help="Re-run every stage even when its cached result is valid.")
+@click.option("--threads", default=2, show_default=True, help="Host CPU threads for training and export.")
+@click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
+def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, as_json, quiet):
+    """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
+
+    \b
+    Exit status: 0 the gate passed, 1 a budget failed, 2 bad input or unreachable device.
+    \b
+    Examples:
+      edgeft build --target rpi5                      # demo model + demo data, measured locally
+      edgeft build -t rpi5 --model ./my-llama --data train.jsonl --device rpi5-lab-1
+      edgeft build -t rpi5 -p arm-int4 --json > report.json
+    """
+    from .build import BuildOptions
+    from .build import build as run_build
+    from .gate import describe
+
+    log = (lambda message: None) if quiet else (lambda message: console.print(f"[dim]•[/] {message}"))
+    options = BuildOptions(
+        target=target, profile=profile, model=model, data=data, device=device, lab=lab, out=out,
+        trust_new_host_key=trust_new_host_key, force=force, sysfs_root=sysfs_root, threads=threads,
+    )
+    with _progress(not quiet) as progress:
+        report = run_build(options, progress=progress, log=log)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    if not quiet:
+        _summary(report)
+        for check in report["gate"]["checks"]:
+            console.print(("  " if check["status"] != "fail" else "  [red]") + describe(check) + ("[/]" if check["status"] == "fail" else ""))
+        console.print(f"[bold]{'[green]PASS' if report['gate']['passed'] else '[red]FAIL'}[/][/bold]  bundle: {report['bundle']['path']}")
+    sys.exit(0 if report["gate"]["passed"] else 1)
+
+
+def _summary(report: dict) -> None:
+    acc = report["accuracy"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lat = report["latency_ms"]
+    device = report["device"]
+    console.print(
+        f"[bold]{report['target']}[/] on {device['name']} ({device['arch']}, {device['os']}), "
+        f"{report['runtime']['name']} {report['runtime']['version']}, {report['model']['precision']}, "
+        f"{report['model']['size_bytes'] / 1e6:.2f} MB"
+    )
+    if not report["arch_matches_target"]:
+        console.print(f"  [yellow]note:[/] device arch {device['arch']} is not the target's; latency is indicative only")
+    console.print(
+        f"  latency p50 {lat['p50']} / p99 {lat['p99']} ms ({lat['prompt_tokens']} tokens, n={lat['n']}), "
+        f"first token {report['first_token_ms']} ms, decode {report['decode_tokens_per_s']} tok/s, peak RSS {report['peak_rss_mb']} MB"
+    )
+    console.print(
+        f"  exact match: base {fmt(acc['base'])} → finetuned {fmt(acc['finetuned'])} → merged {fmt(acc['merged'])} "
+        f"→ quantized {fmt(acc['quantized'])} → on device {fmt(acc['device'])}"
+    )
+
+
+@main.command()
+def targets():
+    """List the targets (device classes) in targets/."""
+    _list("targets")
+
+
+@main.command()
+def profiles():
+    """List the build profiles in profiles/."""
+    _list("profiles")
+
+
+def _list(kind: str) -> None:
+    from .config import list_names, load_profile, load_target
+
+    load = load_target if kind == "targets" else load_profile
+    for name in list_names(kind):
+        item = load(name)
+        extra = f"  [{item.runtime}, {item.arch}, default profile {item.default_profile}]" if kind == "targets" else ""
+        click.echo(f"{name:16} {item.description}{extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Targets, profiles and the lab inventory: YAML files validated at load.
+
+Every error names the file, the line and the field, and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+# Where targets/, profiles/ and hil/ live: the checkout this package was installed from, unless
+# EDGEFT_HOME points elsewhere.
+PROJECT_ROOT = Path(os.environ.get("EDGEFT_HOME", Path(__file__).resolve().parent.parent))
+
+RUNTIMES = ("onnxruntime", "tensorrt", "tflite")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------- targets
+class TelemetryConfig(Strict):
+    thermal_zones: bool = True
+    cpufreq: bool = False
+    tegrastats: bool = False
+
+
+class Target(Strict):
+    name: str
+    description: str = ""
+    arch: Literal["aarch64", "x86_64", "armv7l"]
+    runtime: Literal["onnxruntime", "tensorrt", "tflite"]
+    threads: int = Field(1, ge=1, le=256)
+    default_profile: str
+    telemetry: TelemetryConfig = TelemetryConfig()
+    source: Path | None = Field(None, exclude=True)
+
+
+# -------------------------------------------------------------------------------------- profiles
+class MeasureConfig(Strict):
+    warmup_s: float = Field(0.2, ge=0)
+    min_s: float = Field(1.0, ge=0)
+    min_iters: int = Field(20, ge=1)
+    prompt_tokens: int = Field(32, ge=1)
+    decode_tokens: int = Field(16, ge=1)
+    first_token_runs: int = Field(5, ge=1)
+
+
+class Budgets(Strict):
+    """Every budget is optional; an absent one is not checked."""
+
+    latency_ms_p99: float | None = Field(None, gt=0)
+    first_token_ms: float | None = Field(None, gt=0)
+    min_decode_tokens_per_s: float | None = Field(None, gt=0)
+    peak_rss_mb: float | None = Field(None, gt=0)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    max_temp_c: float | None = Field(None, gt=0)
+
+
+class Profile(Strict):
+    name: str
+    description: str = ""
+    # A plain list of one-key mappings, stage name -> its config; validated by edgeft.stages.
+    stages: list[dict[str, dict[str, Any]]]
+    measure: MeasureConfig = MeasureConfig()
+    budgets: Budgets = Budgets()
+    source: Path | None = Field(None, exclude=True)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _one_key_each(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a non-empty list like [{finetune: {...}}, {merge: {}}]")
+        for item in value:
+            if not isinstance(item, dict) or len(item) != 1:
+                raise ValueError(f"each stage must be a one-key mapping like {{merge: {{}}}}, got {item!r}")
+            (config,) = item.values()
+            if config is not None and not isinstance(config, dict):
+                raise ValueError(f"the config of stage {next(iter(item))!r} must be a mapping")
+        return [{name: (config or {}) for name, config in item.items()} for item in value]
+
+
+# ------------------------------------------------------------------------------------------- lab
+class LabDevice(Strict):
+    name: str
+    host: str
+    port: int = Field(22, ge=1, le=65535)
+    user: str
+    key_file: Path | None = None  # private key; None: the SSH agent / default keys
+    known_hosts: Path | None = None  # extra known_hosts file; the user's ~/.ssh/known_hosts is always read
+    target: str
+    python: str = "python3"  # the device's interpreter that has numpy and the runtime
+    workdir: str = ".edgeft"  # relative paths are relative to the login's home
+    tags: list[str] = []
+
+
+class Lab(Strict):
+    devices: list[LabDevice]
+    source: Path | None = Field(None, exclude=True)
+
+    def device(self, name: str) -> LabDevice:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        known = ", ".join(d.name for d in self.devices) or "none"
+        raise ConfigError(f"{self.source}: no device named {name!r} (known: {known}); add it under 'devices:'")
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _node_at(node: yaml.Node | None, loc: tuple[Any, ...]) -> yaml.Node | None:
+    """Walk a composed YAML node along a pydantic error location; stop where it can't go further."""
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == str(key)]
+            if not match:
+                return node
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return node
+    return node
+
+
+def load_yaml(path: Path, model: type[BaseModel], defaults: dict[str, Any] | None = None) -> Any:
+    """Load `path` as `model`; any problem becomes a ConfigError naming file:line and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of fields at the top level")
+    data = {**(defaults or {}), **data}
+    try:
+        obj = model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        target = _node_at(node, loc)
+        line = target.start_mark.line + 1 if target is not None else 1
+        field = ".".join(str(part) for part in loc) or "(top level)"
+        more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"{path}:{line}: field '{field}': {err['msg']}{more}") from None
+    object.__setattr__(obj, "source", path)
+    return obj
+
+
+def _named(kind: str, name_or_path: str) -> Path:
+    """A bare name looks in the project's folder of that kind; a path (has '/' or '.yaml') is used as is."""
+    if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml")):
+        return Path(name_or_path)
+    path = PROJECT_ROOT / kind / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(list_names(kind)) or "none"
+        singular = kind.rstrip("s")
+        raise ConfigError(f"unknown {singular} {name_or_path!r} (known: {known}); see `edgeft {kind}`")
+    return path
+
+
+def list_names(kind: str) -> list[str]:
+    return sorted(p.stem for p in (PROJECT_ROOT / kind).glob("*.yaml"))
+
+
+def load_target(name_or_path: str) -> Target:
+    path = _named("targets", name_or_path)
+    return load_yaml(path, Target, {"name": path.stem})
+
+
+def load_profile(name_or_path: str) -> Profile:
+    path = _named("profiles", name_or_path)
+    return load_yaml(path, Profile, {"name": path.stem})
+
+
+def load_lab(path: Path | None = None) -> Lab:
+    path = Path(path) if path else PROJECT_ROOT / "hil" / "lab.yaml"
+    lab = load_yaml(path, Lab)
+    # Key files and known_hosts are relative to the lab file, so a lab dir can be moved as a whole.
+    for device in lab.devices:
+        for attr in ("key_file", "known_hosts"):
+            value = getattr(device, attr)
+            if value is not None:
+                value = Path(os.path.expanduser(value))
+                setattr(device, attr, value if value.is_absolute() else path.parent / value)
+    return lab

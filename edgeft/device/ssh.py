@@ -1,0 +1,540 @@
+"""A lab device over SSH (paramiko): SFTP for files, exec for commands.
+
+Secure by default: host keys come from known_hosts files (the device's own `known_hosts`,
+~/.ssh/known_hosts, /etc/ssh/ssh_known_hosts) and an unknown host is refused unless the caller
+passes trust_new_host_key, which behaves like OpenSSH's StrictHostKeyChecking=accept-new: the
+key is accepted once, appended to the known_hosts file and announced with a log line. A CHANGED
+key is always refused. Auth is by key only (key_file, else the agent and ~/.ssh/id_*); nothing
+ever prompts, and no secret is logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import shlex
+import socket
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import paramiko
+
+from ..config import LabDevice
+from ..errors import DeviceError
+from . import RunResult, Transport, local_tree, remote_relpath
+
+log = logging.getLogger("edgeft.device")
+# paramiko logs handshake/auth failures with tracebacks; we turn them into one-line DeviceErrors,
+# so keep them off stderr unless the application configures logging itself.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+CONNECT_TIMEOUT = 10.0
+KEEPALIVE_S = 30
+SFTP_OP_TIMEOUT = 120.0  # per SFTP request, not per transfer
+USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
+SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
+
+Progress = Callable[[int, int], None]
+
+PID_MARKER = b"__edgeft_pid__="
+_PID_LINE = re.compile(re.escape(PID_MARKER) + rb"(\d+)\n")
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style fingerprint: SHA256:<base64 without padding>."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class _UnknownHostKey(paramiko.SSHException):
+    def __init__(self, hostname: str, key: paramiko.PKey):
+        super().__init__(f"host key for {hostname} is not known")
+        self.hostname = hostname
+        self.key = key
+
+
+class _RejectUnknown(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise _UnknownHostKey(hostname, key)
+
+
+class _AcceptNew(paramiko.MissingHostKeyPolicy):
+    """OpenSSH's accept-new: trust a host seen for the first time and remember it in `path`."""
+
+    def __init__(self, device_name: str, path: Path):
+        self.device_name = device_name
+        self.path = path
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as fh:
+                fh.write(("\n" if needs_newline else "") + line)
+        except OSError as exc:
+            raise DeviceError(
+                f"device '{self.device_name}': cannot record the new host key in {self.path}: "
+                f"{exc.strerror or exc}; make that file writable or add the key by hand"
+            ) from None
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning(
+            "device '%s': trusting new host key %s %s for %s; added it to %s",
+            self.device_name, key.get_name(), fingerprint(key), hostname, self.path,
+        )
+
+
+class SshTransport(Transport):
+    def __init__(
+        self,
+        device: LabDevice,
+        trust_new_host_key: bool = False,
+        progress: Progress | None = None,
+        *,
+        lab_file: Path | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ):
+        self.device = device
+        self.name = device.name
+        self.python = device.python
+        self.trust_new_host_key = trust_new_host_key
+        self.progress = progress
+        self.connect_timeout = connect_timeout
+        self._lab = str(lab_file) if lab_file else "hil/lab.yaml"
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self.workdir: str | None = None  # absolute path on the device, known after connect()
+
+    # ---------------------------------------------------------------------------- messages
+    @property
+    def where(self) -> str:
+        return f"{self.device.user}@{self.device.host}:{self.device.port}"
+
+    @property
+    def _host_id(self) -> str:
+        d = self.device
+        return d.host if d.port == 22 else f"[{d.host}]:{d.port}"
+
+    def _known_hosts_file(self) -> Path:
+        path = self.device.known_hosts or USER_KNOWN_HOSTS
+        return Path(os.path.expanduser(path))
+
+    def _key_file(self) -> Path | None:
+        kf = self.device.key_file
+        return Path(os.path.expanduser(kf)) if kf is not None else None
+
+    # ---------------------------------------------------------------------------- lifecycle
+    def connect(self) -> None:
+        if self._client is not None:
+            return
+        d = self.device
+        key_file = self._key_file()
+        if key_file is not None:
+            if not key_file.is_file():
+                raise DeviceError(f"device '{self.name}': key file {key_file} does not exist; check key_file in {self._lab}")
+            try:
+                with open(key_file, "rb"):
+                    pass
+            except OSError as exc:
+                raise DeviceError(
+                    f"device '{self.name}': key file {key_file} is not readable ({exc.strerror}); "
+                    f"fix its permissions or key_file in {self._lab}"
+                ) from None
+
+        client = paramiko.SSHClient()
+        known_hosts = self._known_hosts_file()
+        # First match wins in paramiko's lookup, so the device's own file goes first.
+        for path in dict.fromkeys([known_hosts, Path(os.path.expanduser(USER_KNOWN_HOSTS)), SYSTEM_KNOWN_HOSTS]):
+            if path.is_file():
+                try:
+                    client.load_system_host_keys(str(path))
+                except (OSError, paramiko.SSHException) as exc:
+                    raise DeviceError(f"device '{self.name}': cannot read known_hosts file {path}: {exc}; fix or remove it") from None
+        if self.trust_new_host_key:
+            client.set_missing_host_key_policy(_AcceptNew(self.name, known_hosts))
+        else:
+            client.set_missing_host_key_policy(_RejectUnknown())
+
+        try:
+            client.connect(
+                d.host,
+                port=d.port,
+                username=d.user,
+                key_filename=str(key_file) if key_file is not None else None,
+                allow_agent=True,
+                look_for_keys=key_file is None,
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
+                channel_timeout=self.connect_timeout,
+            )
+        except BaseException as exc:
+            ssh = client.get_transport()
+            handshake_done = ssh is not None and ssh.is_active()
+            client.close()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, DeviceError)):
+                raise
+            raise self._connect_error(exc, handshake_done, key_file) from None
+
+        try:
+            transport = client.get_transport()
+            assert transport is not None
+            transport.set_keepalive(KEEPALIVE_S)
+            self._client = client
+            self._sftp = client.open_sftp()
+            # A dead link without a TCP reset would otherwise hang an SFTP call for many minutes.
+            self._sftp.get_channel().settimeout(SFTP_OP_TIMEOUT)
+            self.workdir = self._resolve_workdir()
+            self._mkdirs(self.workdir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect_error(self, exc: BaseException, handshake_done: bool, key_file: Path | None) -> DeviceError:
+        d = self.device
+        if isinstance(exc, _UnknownHostKey):
+            kh = self._known_hosts_file()
+            port = f"-p {d.port} " if d.port != 22 else ""
+            return DeviceError(
+                f"device '{self.name}': host key for {exc.hostname} ({exc.key.get_name()} {fingerprint(exc.key)}) "
+                f"is not in known_hosts; verify it and add it (ssh-keyscan {port}{d.host} >> {kh}), "
+                "or pass --trust-new-host-key"
+            )
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return DeviceError(
+                f"device '{self.name}': WARNING: THE HOST KEY FOR {self._host_id} HAS CHANGED "
+                f"(now {exc.key.get_name()} {fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}); "
+                "this may be a man-in-the-middle attack: do not continue; only if the device was reinstalled, "
+                f"verify the new key and replace its line in {self._known_hosts_file()}"
+            )
+        with_key = f"with key {key_file}" if key_file else "with the SSH agent / ~/.ssh/id_* keys"
+        if isinstance(exc, paramiko.PasswordRequiredException):
+            return DeviceError(
+                f"device '{self.name}': key {key_file or '(default)'} is passphrase-protected and edgeft never prompts; "
+                f"load it into ssh-agent (ssh-add) or use an unencrypted deploy key in {self._lab}"
+            )
+        if isinstance(exc, paramiko.AuthenticationException):
+            return DeviceError(
+                f"device '{self.name}': authentication failed for {self.where} {with_key}; "
+                f"check user and key_file in {self._lab} and the device's authorized_keys"
+            )
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return self._unreachable(f"timed out after {self.connect_timeout:g} s")
+        if isinstance(exc, socket.gaierror):
+            return self._unreachable(f"cannot resolve host name {d.host!r} ({exc.strerror})")
+        if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+            inner = next(iter(exc.errors.values()), None)
+            return self._unreachable(_reason(inner) if inner is not None else str(exc))
+        if isinstance(exc, OSError):
+            return self._unreachable(_reason(exc))
+        if isinstance(exc, paramiko.SSHException) and handshake_done:
+            # Handshake went through but a key could not be used (not a key file, wrong format, ...).
+            return DeviceError(
+                f"device '{self.name}': authentication failed for {self.where} {with_key}: {exc}; "
+                f"check key_file in {self._lab}"
+            )
+        if isinstance(exc, (paramiko.SSHException, EOFError)):
+            detail = str(exc) or "connection closed during the handshake"
+            return DeviceError(
+                f"device '{self.name}' ({self.where}) did not complete the SSH handshake: {detail}; "
+                f"check that host/port in {self._lab} point at an SSH server"
+            )
+        return DeviceError(f"device '{self.name}' ({self.where}): cannot connect: {type(exc).__name__}: {exc}")
+
+    def _unreachable(self, reason: str) -> DeviceError:
+        return DeviceError(
+            f"device '{self.name}' ({self.where}) is unreachable: {reason}; "
+            f"check it is powered and on the network, and the host/port in {self._lab}"
+        )
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            try:
+                self._sftp.close()
+            except Exception:
+                pass
+        if self._client is not None:
+            self._client.close()
+        self._sftp = None
+        self._client = None
+        self.workdir = None
+
+    # ------------------------------------------------------------------------------- paths
+    def _resolve_workdir(self) -> str:
+        sftp = self._require_sftp()
+        wd = self.device.workdir.strip() or "."
+        if wd == "~":
+            wd = "."
+        elif wd.startswith("~/"):
+            wd = wd[2:]
+        if not posixpath.isabs(wd):
+            with self._op("find the login's home directory"):
+                home = sftp.normalize(".")
+            wd = posixpath.join(home, wd)
+        return posixpath.normpath(wd)
+
+    def _remote(self, remote: str, *, allow_root: bool = False) -> str:
+        if self.workdir is None:
+            self.connect()
+        assert self.workdir is not None
+        rel = remote_relpath(self.name, remote, allow_root=allow_root)
+        return self.workdir if rel == "." else posixpath.join(self.workdir, rel)
+
+    def _require_sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self.connect()
+        assert self._sftp is not None
+        return self._sftp
+
+    @contextmanager
+    def _op(self, what: str) -> Iterator[None]:
+        """Turn SFTP/SSH/socket failures inside the block into one-line DeviceErrors."""
+        try:
+            yield
+        except DeviceError:
+            raise
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            ssh = self._client.get_transport() if self._client is not None else None
+            if ssh is None or not ssh.is_active():
+                raise DeviceError(
+                    f"device '{self.name}' ({self.where}): connection lost while trying to {what}; "
+                    "check the device and the network, then retry"
+                ) from None
+            raise DeviceError(f"device '{self.name}': cannot {what}: {_reason(exc)}") from None
+
+    def _mkdirs(self, path: str) -> None:
+        """mkdir -p over SFTP."""
+        sftp = self._require_sftp()
+        with self._op(f"create directory {path}"):
+            try:
+                if stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+                    return
+                raise DeviceError(f"device '{self.name}': {path} exists and is not a directory; remove it or change workdir")
+            except FileNotFoundError:
+                pass
+            parent = posixpath.dirname(path)
+            if parent and parent != path:
+                self._mkdirs(parent)
+            try:
+                sftp.mkdir(path)
+            except OSError:
+                # Lost a race with another creator? Fine if it is a directory now.
+                if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+                    raise
+
+    # ---------------------------------------------------------------------------- transfer
+    def _put_one(self, local: Path, dest: str, callback: Progress | None) -> None:
+        """Upload to a temp name beside `dest`, then rename over it: no half-written `dest`."""
+        sftp = self._require_sftp()
+        tmp = posixpath.join(posixpath.dirname(dest), f".{posixpath.basename(dest)}.{os.getpid()}.part")
+        try:
+            mode = local.stat().st_mode & 0o777
+        except OSError as exc:
+            raise DeviceError(f"device '{self.name}': cannot push {local}: {exc.strerror or exc}") from None
+        with self._op(f"put {local} to {dest}"):
+            try:
+                sftp.put(str(local), tmp, callback=callback)
+                sftp.chmod(tmp, mode)
+                try:
+                    sftp.posix_rename(tmp, dest)
+                except OSError:
+                    # Server without the posix-rename extension: plain SFTP rename refuses to overwrite.
+                    try:
+                        sftp.remove(dest)
+                    except FileNotFoundError:
+                        pass
+                    sftp.rename(tmp, dest)
+            except BaseException:
+                try:
+                    sftp.remove(tmp)
+                except Exception:
+                    pass
+                raise
+
+    def put_file(self, local: Path, remote: str) -> None:
+        local = Path(local)
+        if not local.is_file():
+            raise DeviceError(f"device '{self.name}': cannot push {local}: not a file")
+        dest = self._remote(remote)
+        self._mkdirs(posixpath.dirname(dest))
+        self._put_one(local, dest, self.progress)
+
+    def put_dir(self, local: Path, remote: str) -> None:
+        local = Path(local)
+        if not local.is_dir():
+            raise DeviceError(f"device '{self.name}': cannot push {local}: not a directory")
+        dest = self._remote(remote)
+        dirs, files = local_tree(local)
+        self._mkdirs(dest)
+        for rel in dirs:
+            self._mkdirs(posixpath.join(dest, rel))
+        total = sum(p.stat().st_size for _, p in files)
+        done = 0
+        for rel, path in files:
+            callback = None
+            if self.progress is not None:
+                base = done
+                callback = lambda sent, _size, base=base: self.progress(base + sent, total)  # noqa: E731
+            self._put_one(path, posixpath.join(dest, rel), callback)
+            done += path.stat().st_size
+        if self.progress is not None and not files:
+            self.progress(0, 0)
+
+    def get_file(self, remote: str, local: Path) -> None:
+        src = self._remote(remote)
+        local = Path(local)
+        sftp = self._require_sftp()
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
+            os.close(fd)
+        except OSError as exc:
+            raise DeviceError(f"device '{self.name}': cannot write {local}: {exc.strerror or exc}") from None
+        tmp = Path(name)
+        try:
+            with self._op(f"fetch {remote} to {local}"):
+                try:
+                    sftp.get(src, str(tmp))
+                except FileNotFoundError:
+                    raise DeviceError(
+                        f"device '{self.name}': cannot fetch {remote}: no such file in the workdir {self.workdir}"
+                    ) from None
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def remove(self, remote: str) -> None:
+        path = self._remote(remote)
+        sftp = self._require_sftp()
+        with self._op(f"remove {remote}"):
+            try:
+                attr = sftp.lstat(path)
+            except FileNotFoundError:
+                return
+            self._remove_tree(sftp, path, attr)
+
+    def _remove_tree(self, sftp: paramiko.SFTPClient, path: str, attr: paramiko.SFTPAttributes) -> None:
+        if stat.S_ISDIR(attr.st_mode or 0):
+            for child in sftp.listdir_attr(path):
+                self._remove_tree(sftp, posixpath.join(path, child.filename), child)
+            sftp.rmdir(path)
+        else:
+            sftp.remove(path)
+
+    # --------------------------------------------------------------------------------- run
+    def command_line(self, argv: list[str]) -> str:
+        """The shell line run on the device: every argument quoted, run from the workdir.
+
+        It first prints a marker with the shell's pid (which `exec` hands on to the command, a
+        session leader under sshd), so a timed-out command's whole process group can be killed.
+        The marker is removed from the output that run() returns.
+        """
+        assert self.workdir is not None
+        command = " ".join(shlex.quote(str(a)) for a in argv)
+        return f"cd {shlex.quote(self.workdir)} && echo {PID_MARKER.decode()}$$ && exec {command}"
+
+    def run(self, argv: list[str], timeout: float | None = None) -> RunResult:
+        if not argv:
+            raise ValueError("run() needs a non-empty argv")
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        ssh = self._client.get_transport()
+        what = f"run {argv[0]}"
+        if ssh is None or not ssh.is_active():
+            raise DeviceError(f"device '{self.name}' ({self.where}): connection lost before trying to {what}; retry")
+        with self._op(what):
+            chan = ssh.open_session(timeout=self.connect_timeout)
+        try:
+            with self._op(what):
+                chan.exec_command(self.command_line(argv))
+                chan.shutdown_write()  # the command sees EOF on stdin, like the local transport's DEVNULL
+            out: list[bytes] = []
+            err: list[bytes] = []
+            # Drain stdout and stderr at once: reading one while the other's window fills deadlocks.
+            readers = [
+                threading.Thread(target=_drain, args=(chan.recv, out), daemon=True),
+                threading.Thread(target=_drain, args=(chan.recv_stderr, err), daemon=True),
+            ]
+            for t in readers:
+                t.start()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                for t in readers:
+                    t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except BaseException:  # Ctrl-C: don't leave the command running on the device
+                self._kill(_remote_pid(b"".join(out)))
+                raise
+            if any(t.is_alive() for t in readers):
+                self._kill(_remote_pid(b"".join(out)))
+                raise DeviceError(
+                    f"device '{self.name}': {posixpath.basename(str(argv[0]))} did not finish within {timeout:g} s "
+                    "and was killed; raise the timeout or make the run shorter"
+                )
+            chan.status_event.wait(self.connect_timeout)
+            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            if code == -1 and not ssh.is_active():
+                raise DeviceError(
+                    f"device '{self.name}' ({self.where}): connection lost while trying to {what}; "
+                    "check the device and the network, then retry"
+                )
+        finally:
+            chan.close()
+        stdout = _PID_LINE.sub(b"", b"".join(out), count=1)
+        return RunResult(code, stdout.decode("utf-8", "replace"), b"".join(err).decode("utf-8", "replace"))
+
+    def _kill(self, pid: int | None) -> None:
+        """Best effort: SIGKILL a timed-out command's process group (its children too) on the device."""
+        if pid is None or self._client is None:
+            return
+        try:
+            ssh = self._client.get_transport()
+            if ssh is None or not ssh.is_active():
+                return
+            chan = ssh.open_session(timeout=self.connect_timeout)
+            try:
+                chan.settimeout(self.connect_timeout)
+                chan.exec_command(f"kill -s KILL -- -{pid} 2>/dev/null || kill -s KILL {pid} 2>/dev/null")
+                chan.recv_exit_status()
+            finally:
+                chan.close()
+        except Exception:
+            pass
+
+
+def _drain(recv: Callable[[int], bytes], sink: list[bytes]) -> None:
+    try:
+        while True:
+            data = recv(65536)
+            if not data:
+                return
+            sink.append(data)
+    except (OSError, EOFError, paramiko.SSHException):
+        return
+
+
+def _remote_pid(stdout: bytes) -> int | None:
+    match = _PID_LINE.search(stdout)
+    return int(match.group(1)) if match else None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        if exc.strerror:
+            return exc.strerror
+        if exc.errno:
+            return os.strerror(exc.errno)
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return "timed out"
+    return str(exc) or type(exc).__name__
+

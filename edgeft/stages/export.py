@@ -1,0 +1,122 @@
+"""export: the merged PyTorch model -> ONNX with a KV cache (one graph for prefill and decode).
+
+I/O contract (batch 1), read by the runner: inputs `input_ids` [1, seq], `attention_mask` [1, past+seq],
+`past_key_values.{i}.key|value` [1, kv_heads, past, head_dim]; outputs `logits` [1, seq, vocab] and
+`present.{i}.key|value`. Validated against PyTorch on test-split rows (max |logit diff| <= atol).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..artifact import Artifact
+from ..context import BuildContext
+from ..data import encode
+from ..errors import ModelError
+from .. import onnx_lm
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    opset: int = Field(18, ge=18)  # the dynamo exporter fails an assertion at opset 17
+    atol: float = Field(1e-3, gt=0)  # fp32 ONNX vs PyTorch differ by ~1e-6 here
+    validation_examples: int = Field(8, ge=1)
+
+
+def _wrapper(model):
+    import torch
+    from transformers import DynamicCache
+
+    class KVCacheLM(torch.nn.Module):
+        """ONNX graphs take no Cache objects: the past arrives flat (k0, v0, k1, v1, ...) and goes back flat."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.num_layers = model.config.num_hidden_layers
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+            presents = []
+            for layer in out.cache.layers:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    return KVCacheLM().eval()
+
+
+def model_shape(config) -> dict:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "num_layers": config.num_hidden_layers,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "head_dim": head_dim,
+        "vocab_size": config.vocab_size,
+        "max_positions": config.max_position_embeddings,
+    }
+
+
+def export_onnx(model, path, opset: int) -> None:
+    import torch
+
+    shape = model_shape(model.config)
+    seq, past_len = 3, 5  # example sizes >= 2, so torch.export doesn't specialise them to 0 or 1
+    past = tuple(torch.zeros(1, shape["num_kv_heads"], past_len, shape["head_dim"]) for _ in range(2 * shape["num_layers"]))
+    args = (torch.full((1, seq), 3, dtype=torch.long), torch.ones(1, past_len + seq, dtype=torch.long), *past)
+    # Dims can't be added (past + seq), so the mask length is a Dim of its own; *past is one tuple.
+    dim = torch.export.Dim
+    dynamic_shapes = (
+        {1: dim("seq_len", min=1, max=4096)},
+        {1: dim("total_len", min=1, max=8192)},
+        tuple({2: dim("past_len", min=0, max=4096)} for _ in past),
+    )
+    names_in, names_out = ["input_ids", "attention_mask"], ["logits"]
+    for i in range(shape["num_layers"]):
+        names_in += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        names_out += [f"present.{i}.key", f"present.{i}.value"]
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _wrapper(model), args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+            input_names=names_in, output_names=names_out, report=False, verbose=False,
+        )
+    program.save(str(path))
+
+
+def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .finetune import load_tokenizer
+
+    if model.kind != "hf-model":
+        raise ModelError(f"export needs a PyTorch model (after merge), got a {model.kind!r} artifact; list merge before export")
+    tokenizer = load_tokenizer(model.path)
+    torch_model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32, attn_implementation="eager").eval()
+    task = ctx.progress.add_task("export ONNX", total=None) if ctx.progress else None
+    try:
+        export_onnx(torch_model, ctx.out / "model.onnx", config.opset)
+    except Exception as exc:  # the exporters raise many types; the user needs the first line and the model
+        raise ModelError(f"{model.path}: ONNX export failed: {str(exc).strip().splitlines()[0][:300]}") from None
+    finally:
+        if ctx.progress:
+            ctx.progress.remove_task(task)
+
+    rows = [sum(encode(tokenizer, e), []) for e in ctx.splits.test[: config.validation_examples]]
+    backend = onnx_lm.load(ctx.out / "model.onnx", threads=ctx.threads)
+    with torch.no_grad():
+        reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
+    max_abs_diff = max(float(np.abs(o - r).max()) for o, r in zip(onnx_lm.teacher_forced_logits(backend, rows), reference))
+    if not max_abs_diff <= config.atol:
+        raise ModelError(f"ONNX export differs from PyTorch by {max_abs_diff:.3g} (tolerance {config.atol:g}); the exporter mis-traced this model")
+    tokenizer.save_pretrained(ctx.out / "tokenizer")
+    return Artifact(
+        path=ctx.out,
+        kind="onnx",
+        stage="export",
+        key="",
+        metrics={"export_max_abs_diff": max_abs_diff, "export_atol": config.atol},
+        info={"precision": "fp32", "opset": config.opset, "eos_token_id": tokenizer.eos_token_id, **model_shape(torch_model.config)},
+    )

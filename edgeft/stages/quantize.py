@@ -1,0 +1,96 @@
+"""quantize: the fp32 ONNX model -> int8 (dynamic), int4 (weight-only, MatMulNBits) or fp32 (a copy).
+
+Validated against the fp32 ONNX model (itself validated against PyTorch) on teacher-forced test rows:
+the next-token choice must agree on at least `min_top1_agreement` of completion positions, a tolerance
+set per precision. Task accuracy of the result is measured on the host through ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import onnx_lm
+from ..artifact import Artifact
+from ..context import BuildContext
+from ..data import encode
+from ..errors import ModelError
+from ..evaluate import max_new_tokens_for
+
+# Share of completion positions whose argmax must match the fp32 model, per precision.
+DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "int8-dynamic": 0.95, "int4-weight": 0.85}
+
+
+class QuantizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["fp32", "int8-dynamic", "int4-weight"] = "int8-dynamic"
+    per_channel: bool = False  # int8: one scale per output channel (slower to quantize, often more accurate)
+    block_size: int = Field(32, ge=16)  # int4: weights per scale
+    accuracy_level: int = Field(4, ge=0, le=4)  # int4: 4 = int8 activations in MatMulNBits, ~2x faster on CPU
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)  # None: the per-precision default above
+    validation_examples: int = Field(16, ge=1)
+
+
+def quantize(source, dest, config: QuantizeConfig) -> None:
+    if config.mode == "fp32":
+        shutil.copyfile(source, dest)
+    elif config.mode == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=config.per_channel)
+    else:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(source)), bits=4, block_size=config.block_size, is_symmetric=True, accuracy_level=config.accuracy_level
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dest), use_external_data_format=False)
+
+
+def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    if model.kind != "onnx":
+        raise ModelError(f"quantize needs an ONNX model, got a {model.kind!r} artifact; list export before quantize")
+    try:
+        quantize(model.path / "model.onnx", ctx.out / "model.onnx", config)
+    except Exception as exc:  # quantizers raise assorted types; name the mode and the first line
+        raise ModelError(f"quantize ({config.mode}) failed on {model.path / 'model.onnx'}: {str(exc).strip().splitlines()[0][:300]}") from None
+    shutil.copytree(model.path / "tokenizer", ctx.out / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(ctx.out / "tokenizer")
+
+    reference = onnx_lm.load(model.path / "model.onnx", threads=ctx.threads)
+    quantized = onnx_lm.load(ctx.out / "model.onnx", threads=ctx.threads)
+    examples = ctx.splits.test[: config.validation_examples]
+    agree = total = 0
+    max_abs_diff = 0.0
+    for example in examples:
+        prompt_ids, completion_ids = encode(tokenizer, example)
+        row = prompt_ids + completion_ids
+        (ref,), (out,) = onnx_lm.teacher_forced_logits(reference, [row]), onnx_lm.teacher_forced_logits(quantized, [row])
+        span = slice(len(prompt_ids) - 1, len(row) - 1)  # positions that predict the completion
+        agree += int((ref[span].argmax(-1) == out[span].argmax(-1)).sum())
+        total += len(completion_ids)
+        max_abs_diff = max(max_abs_diff, float(np.abs(ref - out).max()))
+    agreement = agree / total
+    needed = config.min_top1_agreement if config.min_top1_agreement is not None else DEFAULT_TOP1_AGREEMENT[config.mode]
+    if agreement < needed:
+        raise ModelError(
+            f"{config.mode} model picks the fp32 model's next token at only {agreement:.1%} of completion positions "
+            f"(tolerance {needed:.0%}); try per_channel: true, a smaller block_size, or a wider precision"
+        )
+    accuracy = onnx_lm.exact_match(quantized, tokenizer, ctx.splits.test, max_new_tokens_for(tokenizer, ctx.splits.test))
+    return Artifact(
+        path=ctx.out,
+        kind="onnx",
+        stage="quantize",
+        key="",
+        metrics={"accuracy": accuracy, "top1_agreement": round(agreement, 4), "max_abs_diff_vs_fp32": round(max_abs_diff, 4)},
+        info={**model.info, "precision": {"fp32": "fp32", "int8-dynamic": "int8", "int4-weight": "int4"}[config.mode]},
+    )

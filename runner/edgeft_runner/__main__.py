@@ -1,0 +1,181 @@
+"""edgeft-runner CLI: `run`, `verify` and `info`. Exit 0 ok, 2 on any failure the user can fix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import REPORT_FORMAT, RunnerError, __version__
+from .backends import create_backend, installed_runtimes
+from .bundle import bundle_path, verify_bundle
+from .measure import (first_token_and_decode, load_task, prompt_ids, smoke_test, summarize_ms, task_accuracy,
+                      time_repeated)
+from .telemetry import TelemetrySampler
+from .telemetry.system import device_info, peak_rss_mb
+from .telemetry.thermal import default_sysfs_root
+
+PROG = "edgeft-runner"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other user error, instead of usage + error
+        raise RunnerError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunnerError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def cmd_verify(args) -> int:
+    manifest = verify_bundle(Path(args.bundle))
+    print(f"ok {len(manifest['files'])} files")
+    return 0
+
+
+def cmd_info(args) -> int:
+    print(json.dumps({"device": device_info(), "runtimes": installed_runtimes()}, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    started = time.perf_counter()
+    bundle_dir = Path(args.bundle)
+    sysfs_root = args.sysfs_root or default_sysfs_root()
+    with TelemetrySampler(sysfs_root, args.samples) as telemetry:
+        manifest = verify_bundle(bundle_dir)
+        model, measure = manifest["model"], manifest["measure"]
+        threads = args.threads or manifest.get("threads") or os.cpu_count() or 1
+        if not isinstance(threads, int) or threads < 1:
+            raise RunnerError(f"manifest threads must be a positive integer, got {threads!r}")
+        prompt_tokens, decode_tokens = int(measure["prompt_tokens"]), int(measure["decode_tokens"])
+        max_positions = model.get("max_positions")
+        if isinstance(max_positions, int) and prompt_tokens + decode_tokens > max_positions:
+            raise RunnerError(f"measure.prompt_tokens + decode_tokens = {prompt_tokens + decode_tokens} "
+                              f"exceeds model.max_positions {max_positions}")
+
+        backend = create_backend(manifest.get("runtime", "onnxruntime"))
+        t0 = time.perf_counter()
+        backend.load(bundle_path(bundle_dir, model["file"]), threads,
+                     num_kv_heads=model.get("num_kv_heads"), head_dim=model.get("head_dim"))
+        load_s = time.perf_counter() - t0
+
+        smoke = smoke_test(backend, bundle_path(bundle_dir, manifest["golden"]["file"]),
+                           float(manifest["golden"].get("atol", 1e-3)))
+
+        prompt = prompt_ids(prompt_tokens, model["vocab_size"])
+        empty_past = backend.empty_past()
+        warmup, samples_ms = time_repeated(lambda: backend.forward(prompt, empty_past),
+                                           float(measure["warmup_s"]), float(measure["min_s"]),
+                                           int(measure["min_iters"]))
+        latency_ms = {"prompt_tokens": prompt_tokens, "warmup": warmup, **summarize_ms(samples_ms)}
+
+        decode = first_token_and_decode(backend, prompt, decode_tokens, int(measure["first_token_runs"]))
+
+        task = load_task(bundle_path(bundle_dir, manifest["task"]["file"]))
+        accuracy = task_accuracy(backend, task, model["eos_token_id"])
+
+    report = {
+        "format": REPORT_FORMAT,
+        "runner_version": __version__,
+        "bundle": {
+            "target": manifest.get("target"),
+            "precision": model.get("precision"),
+            "model_sha256": manifest["files"][model["file"]],
+        },
+        "device": device_info(),
+        "runtime": {"name": backend.name, "version": backend.version, "threads": threads,
+                    "providers": backend.providers},
+        "load_s": round(load_s, 3),
+        "smoke": smoke,
+        "latency_ms": latency_ms,
+        **decode,
+        "accuracy": accuracy,
+        "peak_rss_mb": peak_rss_mb(),
+        "thermal": telemetry.thermal_summary(),
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(Path(args.report), report)
+    print(f"ok p50 {latency_ms['p50']} ms/{prompt_tokens} tokens, first token {decode['first_token_ms']} ms, "
+          f"{decode['decode_tokens_per_s']} tokens/s, exact_match {accuracy['exact_match']} -> {args.report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Verify an edgeft bundle and measure its model on this device.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="example:\n  python3 runner.pyz run --bundle ~/edgeft/bundle --report report.json")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="verify, smoke-test and measure a bundle; write a JSON report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Verify the bundle, load the model, check it against the golden logits, then measure\n"
+                    "forward latency, first-token latency, decode speed and task accuracy while sampling\n"
+                    "temperatures and memory. Writes the report atomically.",
+        epilog="example:\n  python3 runner.pyz run --bundle ./bundle --report report.json --threads 4 "
+               "--samples samples.jsonl")
+    run.add_argument("--bundle", required=True, help="bundle directory (holds manifest.json)")
+    run.add_argument("--report", required=True, help="where to write the JSON report")
+    run.add_argument("--threads", type=_positive_int, help="intra-op threads (default: the manifest's threads)")
+    run.add_argument("--sysfs-root", help="sysfs root for thermal zones (default: $EDGEFT_SYSFS_ROOT or /sys)")
+    run.add_argument("--samples", help="also write one JSON line per telemetry sample (~every 0.2 s) here")
+    run.set_defaults(func=cmd_run)
+
+    verify = sub.add_parser(
+        "verify", help="check every bundle file against its sha256 in the manifest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check that every file listed in manifest.json exists inside the bundle and matches\n"
+                    "its sha256. Prints 'ok N files' or one error line (exit 2).",
+        epilog="example:\n  python3 runner.pyz verify --bundle ./bundle")
+    verify.add_argument("--bundle", required=True, help="bundle directory (holds manifest.json)")
+    verify.set_defaults(func=cmd_verify)
+
+    info = sub.add_parser(
+        "info", help="print this device's description and which runtimes import",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print JSON: the device (arch, OS, kernel, CPU, memory) and each runtime's version\n"
+                    "or null when it does not import.",
+        epilog="example:\n  python3 runner.pyz info")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except RunnerError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable bundle dir, full disk, ...: environmental, so no traceback either
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""ONNX Runtime backend (CPUExecutionProvider) for the edgeft KV-cache model contract."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import RunnerError
+from . import Backend
+
+INSTALL_HINT = "onnxruntime is not installed on this device (python3 -m pip install onnxruntime)"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RunnerError(INSTALL_HINT) from None
+    # Devices in labs are often offline or audited: never send usage events.
+    if hasattr(onnxruntime, "disable_telemetry_events"):
+        onnxruntime.disable_telemetry_events()
+    return onnxruntime
+
+
+def installed_version() -> str | None:
+    try:
+        return _import_ort().__version__
+    except RunnerError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def load(self, model_path, threads: int, num_kv_heads: int | None = None, head_dim: int | None = None) -> None:
+        ort = _import_ort()
+        self.version = ort.__version__
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        # Spinning threads burn cores while idle and hurt badly when the device is shared.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: ORT warnings would break the one-line error output
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own pybind exception types
+            raise RunnerError(f"onnxruntime cannot load {model_path}: {_first_line(exc)}") from None
+        self.providers = list(self.session.get_providers())
+
+        inputs = self.session.get_inputs()
+        input_names = {i.name for i in inputs}
+        if "input_ids" not in input_names:
+            raise RunnerError(f"{model_path}: model has no 'input_ids' input")
+        self.takes_attention_mask = "attention_mask" in input_names
+        past_inputs = [i for i in inputs if i.name.startswith(PAST_PREFIX)]
+        present_outputs = [o.name for o in self.session.get_outputs() if o.name.startswith(PRESENT_PREFIX)]
+        if len(past_inputs) != len(present_outputs):
+            raise RunnerError(f"{model_path}: {len(past_inputs)} past inputs but "
+                              f"{len(present_outputs)} present outputs")
+        self.past_names = [i.name for i in past_inputs]
+        self.output_names = ["logits", *present_outputs]  # presents pair with pasts by order
+
+        self.past_shapes, self.past_dtypes = [], []
+        for inp in past_inputs:
+            if inp.type not in ORT_FLOAT_TYPES:
+                raise RunnerError(f"{model_path}: {inp.name} has type {inp.type}; expected float or float16")
+            self.past_dtypes.append(ORT_FLOAT_TYPES[inp.type])
+            # Heads and head_dim are fixed ints in the graph; the manifest values cover symbolic ones.
+            heads = inp.shape[1] if isinstance(inp.shape[1], int) else num_kv_heads
+            dim = inp.shape[3] if isinstance(inp.shape[3], int) else head_dim
+            if not (isinstance(heads, int) and isinstance(dim, int)):
+                raise RunnerError(f"{model_path}: {inp.name} has symbolic heads/head_dim and the manifest gives none")
+            self.past_shapes.append((1, heads, 0, dim))
+
+    def empty_past(self) -> list[np.ndarray]:
+        return [np.zeros(shape, dtype=dtype) for shape, dtype in zip(self.past_shapes, self.past_dtypes)]
+
+    def forward(self, input_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        feed = {"input_ids": input_ids}
+        if self.takes_attention_mask:
+            past_len = past[0].shape[2] if past else 0
+            feed["attention_mask"] = np.ones((1, past_len + input_ids.shape[1]), dtype=np.int64)
+        feed.update(zip(self.past_names, past))
+        try:
+            logits, *presents = self.session.run(self.output_names, feed)
+        except Exception as exc:
+            raise RunnerError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+        return logits, presents
+
+
+def create_backend() -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend()

@@ -1,0 +1,84 @@
+"""Device description and process memory, from /proc and the stdlib (Linux first, degrades elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import socket
+import sys
+from pathlib import Path
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _proc_fields(text: str) -> dict[str, str]:
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _kb_to_mb(value: str | None) -> float | None:
+    # /proc reports "123456 kB"
+    if not value:
+        return None
+    try:
+        return int(value.split()[0]) / 1024.0
+    except (ValueError, IndexError):
+        return None
+
+
+def os_name() -> str:
+    for line in _read("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return platform.platform()
+
+
+def cpu_model() -> str | None:
+    fields = _proc_fields(_read("/proc/cpuinfo"))
+    # x86 has 'model name'; many ARM boards only 'Hardware' or 'Model' (e.g. "Raspberry Pi 5 Model B").
+    for key in ("model name", "Model", "Hardware"):
+        if fields.get(key):
+            return fields[key]
+    return platform.processor() or None
+
+
+def mem_total_mb() -> float | None:
+    total = _kb_to_mb(_proc_fields(_read("/proc/meminfo")).get("MemTotal"))
+    return round(total, 1) if total is not None else None
+
+
+def device_info() -> dict:
+    return {
+        "arch": platform.machine(),
+        "os": os_name(),
+        "kernel": platform.release(),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "cpu": {"model": cpu_model(), "cores": os.cpu_count()},
+        "mem_total_mb": mem_total_mb(),
+    }
+
+
+def rss_mb() -> float | None:
+    """Current resident set size of this process."""
+    return _kb_to_mb(_proc_fields(_read("/proc/self/status")).get("VmRSS"))
+
+
+def peak_rss_mb() -> float | None:
+    """Peak RSS: the larger of VmHWM and ru_maxrss (either may be missing or coarser)."""
+    hwm = _kb_to_mb(_proc_fields(_read("/proc/self/status")).get("VmHWM"))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is KB on Linux but bytes on macOS.
+    maxrss_mb = maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+    candidates = [v for v in (hwm, maxrss_mb) if v]
+    return round(max(candidates), 1) if candidates else None

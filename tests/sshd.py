@@ -1,0 +1,221 @@
+"""A real OpenSSH server on 127.0.0.1 for tests: throwaway host and user keys, a known_hosts
+file and a lab.yaml with one device, `loopback`, that is this machine seen over SSH.
+
+    with start_sshd(tmp_path) as info:
+        lab = load_lab(info.lab_path)          # device 'loopback'
+
+or, in tests, the session-scoped `sshd` fixture (import it into conftest.py).
+Needs /usr/sbin/sshd (or $EDGEFT_TEST_SSHD) and ssh-keygen (openssh-server); `make test` installs them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+SSHD = Path(os.environ.get("EDGEFT_TEST_SSHD", "/usr/sbin/sshd"))
+DEVICE_NAME = "loopback"
+START_TIMEOUT_S = 10.0
+
+
+class SshdUnavailable(RuntimeError):
+    """OpenSSH's server or ssh-keygen is missing, or sshd would not start."""
+
+
+@dataclass(frozen=True)
+class SshdInfo:
+    host: str
+    port: int
+    user: str
+    root: Path  # everything below lives here
+    config: Path  # sshd_config
+    log: Path  # sshd's stderr (-e)
+    host_key: Path  # private; host_key.pub beside it
+    host_key_line: str  # "ssh-ed25519 AAAA..." (the public host key)
+    user_key: Path  # private key authorised for `user`; user_key.pub beside it
+    authorized_keys: Path
+    known_hosts: Path  # "[127.0.0.1]:PORT ssh-ed25519 AAAA..."
+    lab_path: Path  # lab.yaml with the one device DEVICE_NAME
+    workdir: Path  # the device's workdir (absolute; on this machine, as it is loopback)
+    pid: int
+    device_name: str = DEVICE_NAME
+
+    def known_hosts_line(self) -> str:
+        return f"[{self.host}]:{self.port} {self.host_key_line}"
+
+    def device(self, **overrides):
+        """The loopback LabDevice as load_lab reads it, with fields replaced by `overrides`."""
+        from edgeft.config import load_lab
+
+        device = load_lab(self.lab_path).device(self.device_name)
+        return device.model_copy(update=overrides) if overrides else device
+
+
+def _missing(what: str) -> SshdUnavailable:
+    return SshdUnavailable(
+        f"{what} not found: the SSH transport tests need a real OpenSSH server; "
+        "run `make test` (it installs openssh-server), or `apt-get install -y openssh-server`"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True, stdin=subprocess.DEVNULL, capture_output=True,
+    )
+    path.chmod(0o600)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.settimeout(1.0)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+@contextmanager
+def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
+    """Start sshd -D on a free loopback port; stop it (and remove nothing else) on exit."""
+    if not SSHD.exists():
+        raise _missing(str(SSHD))
+    if shutil.which("ssh-keygen") is None:
+        raise _missing("ssh-keygen")
+    root = Path(tmp_path) / "sshd"
+    root.mkdir(parents=True, exist_ok=True)
+    host_key, user_key = root / "host_ed25519", root / "user_ed25519"
+    _keygen(host_key, "edgeft-test-host")
+    _keygen(user_key, "edgeft-test-user")
+    authorized_keys = root / "authorized_keys"
+    authorized_keys.write_text(user_key.with_suffix(".pub").read_text())
+    host_key_line = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
+    workdir = root / "device-workdir"
+    log = root / "sshd.log"
+    user = getpass.getuser()
+    try:  # privilege separation dir; only root can (and needs to) make it
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    except OSError:
+        pass
+
+    proc = None
+    for _attempt in range(3):  # the free port can be taken between probing and binding
+        port = _free_port()
+        config = root / "sshd_config"
+        config.write_text(
+            "\n".join(
+                [
+                    "ListenAddress 127.0.0.1",
+                    f"Port {port}",
+                    f"HostKey {host_key}",
+                    f"AuthorizedKeysFile {authorized_keys}",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PermitRootLogin prohibit-password",
+                    f"PidFile {root / 'sshd.pid'}",
+                    "Subsystem sftp internal-sftp",
+                    "PrintMotd no",
+                    "LogLevel INFO",
+                    "",
+                ]
+            )
+        )
+        logfh = open(log, "ab")
+        proc = subprocess.Popen(
+            [str(SSHD), "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL, stdout=logfh, stderr=logfh
+        )
+        logfh.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline and not _accepts(port):
+            time.sleep(0.05)
+        if proc.poll() is None and _accepts(port):
+            break
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if "Address already in use" not in log.read_text(errors="replace"):
+            break
+    assert proc is not None
+    if proc.poll() is not None or not _accepts(port):
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise SshdUnavailable(f"{SSHD} did not start on 127.0.0.1:{port} (log {log}: {tail})")
+
+    try:
+        known_hosts = root / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_line}\n")
+        lab_path = root / "lab.yaml"
+        lab_path.write_text(
+            yaml.safe_dump(
+                {
+                    "devices": [
+                        {
+                            "name": DEVICE_NAME,
+                            "host": "127.0.0.1",
+                            "port": port,
+                            "user": user,
+                            "key_file": str(user_key),
+                            "known_hosts": str(known_hosts),
+                            "target": "rpi5",
+                            "python": sys.executable,
+                            "workdir": str(workdir),
+                            "tags": ["test"],
+                        }
+                    ]
+                },
+                sort_keys=False,
+            )
+        )
+        yield SshdInfo(
+            host="127.0.0.1", port=port, user=user, root=root, config=config, log=log,
+            host_key=host_key, host_key_line=host_key_line, user_key=user_key,
+            authorized_keys=authorized_keys, known_hosts=known_hosts, lab_path=lab_path,
+            workdir=workdir, pid=proc.pid,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdInfo]:
+    """One real sshd for the whole session. Fails (never skips) when OpenSSH is not installed."""
+    try:
+        server = start_sshd(tmp_path_factory.mktemp("sshd"))
+        info = server.__enter__()
+    except SshdUnavailable as exc:
+        problem = str(exc)
+    else:
+        try:
+            yield info
+        finally:
+            server.__exit__(None, None, None)
+        return
+    pytest.fail(problem, pytrace=False)
