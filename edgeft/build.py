@@ -46,10 +46,12 @@ def check_runtime(target: Target) -> None:
         )
 
 
-def resolve_model(model: Path | None, progress) -> Path:
+def resolve_model(model: Path | None, progress, log: Callable[[str], None]) -> Path:
     if model is None:
-        from .demo.base import demo_base_dir
+        from .demo.base import demo_base_dir, is_built
 
+        if not is_built():
+            log("demo base model: pretraining it once on the shipped corpus (~2 min on 2 cores, then cached)")
         return demo_base_dir(progress)
     model = Path(model)
     if not model.is_dir():
@@ -102,13 +104,14 @@ def build(options: BuildOptions, progress=None, log: Callable[[str], None] = pri
     profile = load_profile(options.profile or target.default_profile)
     stages = pipeline.plan(profile)
     splits = load_splits(options.data)
-    if options.device != "local":  # fail on a lab typo now, not after training
-        from .config import load_lab
+    if options.device != "local":  # an unreachable device or unknown host key fails now, not after training
+        from .device import open_transport
 
-        load_lab(options.lab).device(options.device)
+        transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
+        transport.close()
     out = Path(options.out) if options.out else Path("build") / target.name
 
-    model_dir = resolve_model(options.model, progress)
+    model_dir = resolve_model(options.model, progress, log)
     base = pipeline.base_artifact(model_dir)
     ctx = BuildContext(base=base, splits=splits, target=target, profile=profile, out=cache_root(), progress=progress, log=log, threads=options.threads)
     final, outcomes = pipeline.run(stages, ctx, force=options.force)
@@ -125,8 +128,8 @@ def build(options: BuildOptions, progress=None, log: Callable[[str], None] = pri
     provenance = {
         "base_model": {"path": str(model_dir), "sha256": base.sha256, "demo": options.model is None},
         "dataset": {"path": str(splits.source), "sha256": splits.sha256, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "adapter_sha256": next((a for a in [final.info.get("adapter_sha256")] if a), None),
-        "stages": [{"name": o.name, "key": o.key, "metrics": o.metrics} for o in outcomes],
+        "adapter_sha256": next((o.sha256 for o in outcomes if o.name == "finetune"), None),
+        "stages": [{"name": o.name, "key": o.key, "sha256": o.sha256, "metrics": o.metrics} for o in outcomes],
     }
     with atomic_dir(out) as tmp:
         manifest = assemble(tmp, final, splits, target, profile, provenance)

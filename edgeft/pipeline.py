@@ -34,6 +34,7 @@ class PlannedStage:
 class StageOutcome:
     name: str
     key: str
+    sha256: str  # the output artifact's content hash
     cached: bool
     seconds: float
     metrics: dict[str, Any]
@@ -96,5 +97,5 @@ def run(stages: list[PlannedStage], ctx: BuildContext, force: bool = False) -> t
                 result.save_meta()
             result.path = final
             current = result
-        outcomes.append(StageOutcome(stage.name, key, current.cached, round(time.perf_counter() - started, 2), current.metrics))
+        outcomes.append(StageOutcome(stage.name, key, current.sha256, current.cached, round(time.perf_counter() - started, 2), current.metrics))
     return current, outcomes

@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-try:  # the session fixture; conftest.py may import it instead
-    from sshd import SshdInfo, sshd  # noqa: F401
-except ImportError:  # --import-mode=importlib: tests/ is not on sys.path
-    from tests.sshd import SshdInfo, sshd  # noqa: F401
+from sshd import SshdInfo  # the `sshd` fixture itself comes from conftest.py
 
 from edgeft.device import (
     LocalTransport,

@@ -33,10 +33,18 @@ def recipe_key() -> str:
     return digest_of({"recipe": RECIPE, "corpus": sha256_file(generate.CORPUS_FILE), "code": sha256_file(Path(__file__))})[:16]
 
 
+def _final() -> Path:
+    return cache_root() / "demo" / f"base-{recipe_key()}"
+
+
+def is_built() -> bool:
+    return (_final() / "config.json").exists()
+
+
 def demo_base_dir(progress=None) -> Path:
     """Path of the demo base model, building it first if this machine has not yet."""
-    final = cache_root() / "demo" / f"base-{recipe_key()}"
-    if (final / "config.json").exists():
+    final = _final()
+    if is_built():
         return final
     with atomic_dir(final) as tmp:
         build(tmp, progress)

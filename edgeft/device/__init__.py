@@ -17,13 +17,13 @@ is a one-line DeviceError naming the device and what to do.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..artifact import sha256_file
 from ..errors import DeviceError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,15 +95,6 @@ class Transport:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large weights don't land in memory at once."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def remote_relpath(transport_name: str, remote: str, *, allow_root: bool = False) -> str:
     """Normalise a workdir-relative remote path; refuse absolute paths and escapes with '..'."""
     text = str(remote)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import ConfigError
-from . import export, finetune, merge, quantize
+from . import distill, export, finetune, merge, prune, quantize
 
 STAGES: dict[str, ModuleType] = {
     "finetune": finetune,
     "merge": merge,
     "export": export,
     "quantize": quantize,
+    "prune": prune,
+    "distill": distill,
 }
 
 

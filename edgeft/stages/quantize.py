@@ -1,4 +1,5 @@
-"""quantize: the fp32 ONNX model -> int8 (dynamic), int4 (weight-only, MatMulNBits) or fp32 (a copy).
+"""quantize: the fp32 ONNX model -> int8 dynamic, int8 static (Q/DQ, calibrated on the task data),
+int4 weight-only (MatMulNBits) or fp32 (a copy).
 
 Validated against the fp32 ONNX model (itself validated against PyTorch) on teacher-forced test rows:
 the next-token choice must agree on at least `min_top1_agreement` of completion positions, a tolerance
@@ -20,27 +21,64 @@ from ..errors import ModelError
 from ..evaluate import max_new_tokens_for
 
 # Share of completion positions whose argmax must match the fp32 model, per precision.
-DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "int8-dynamic": 0.95, "int4-weight": 0.85}
+DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "int8-dynamic": 0.95, "int8-static": 0.9, "int4-weight": 0.85}
+PRECISION = {"fp32": "fp32", "int8-dynamic": "int8", "int8-static": "int8-static", "int4-weight": "int4"}
 
 
 class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["fp32", "int8-dynamic", "int4-weight"] = "int8-dynamic"
+    mode: Literal["fp32", "int8-dynamic", "int8-static", "int4-weight"] = "int8-dynamic"
     per_channel: bool = False  # int8: one scale per output channel (slower to quantize, often more accurate)
+    calibration_samples: int = Field(32, ge=1)  # int8-static: training examples whose activations set the ranges
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # int8-static
     block_size: int = Field(32, ge=16)  # int4: weights per scale
     accuracy_level: int = Field(4, ge=0, le=4)  # int4: 4 = int8 activations in MatMulNBits, ~2x faster on CPU
     min_top1_agreement: float | None = Field(None, ge=0, le=1)  # None: the per-precision default above
     validation_examples: int = Field(16, ge=1)
 
 
-def quantize(source, dest, config: QuantizeConfig) -> None:
+def calibration_feeds(model_path, rows: list[list[int]]) -> list[dict]:
+    """ONNX inputs that exercise both graph paths per row: a prefill from an empty cache, then one
+    decode step with the real cache it produced, so activation ranges cover how the model is run."""
+    import numpy as np
+
+    backend = onnx_lm.load(model_path)
+    feeds = []
+    for row in rows:
+        prefill = np.asarray([row[:-1]], dtype=np.int64)
+        empty = backend.empty_past()
+        feeds.append({"input_ids": prefill, "attention_mask": np.ones_like(prefill), **dict(zip(backend.past_names, empty))})
+        _, past = backend.forward(prefill, empty)
+        feeds.append({"input_ids": np.asarray([row[-1:]], dtype=np.int64), "attention_mask": np.ones((1, len(row)), dtype=np.int64), **dict(zip(backend.past_names, past))})
+    return feeds
+
+
+def quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[int]] | None = None) -> None:
     if config.mode == "fp32":
         shutil.copyfile(source, dest)
     elif config.mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=config.per_channel)
+    elif config.mode == "int8-static":
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self, feeds):
+                self.feeds = iter(feeds)
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+        # MatMuls only: quantizing softmax/normalisation inputs costs accuracy and buys little on CPU.
+        quantize_static(
+            str(source), str(dest), Reader(calibration_feeds(source, calibration_rows or [])),
+            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            per_channel=config.per_channel, op_types_to_quantize=["MatMul"], calibrate_method=method[config.calibration_method],
+            extra_options={"ActivationSymmetric": True},
+        )
     else:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -58,12 +96,13 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
 
     if model.kind != "onnx":
         raise ModelError(f"quantize needs an ONNX model, got a {model.kind!r} artifact; list export before quantize")
+    tokenizer = AutoTokenizer.from_pretrained(model.path / "tokenizer")
+    calibration_rows = [sum(encode(tokenizer, e), []) for e in ctx.splits.train[: config.calibration_samples]]
     try:
-        quantize(model.path / "model.onnx", ctx.out / "model.onnx", config)
+        quantize(model.path / "model.onnx", ctx.out / "model.onnx", config, calibration_rows)
     except Exception as exc:  # quantizers raise assorted types; name the mode and the first line
         raise ModelError(f"quantize ({config.mode}) failed on {model.path / 'model.onnx'}: {str(exc).strip().splitlines()[0][:300]}") from None
     shutil.copytree(model.path / "tokenizer", ctx.out / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(ctx.out / "tokenizer")
 
     reference = onnx_lm.load(model.path / "model.onnx", threads=ctx.threads)
     quantized = onnx_lm.load(ctx.out / "model.onnx", threads=ctx.threads)
@@ -92,5 +131,5 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
         stage="quantize",
         key="",
         metrics={"accuracy": accuracy, "top1_agreement": round(agreement, 4), "max_abs_diff_vs_fp32": round(max_abs_diff, 4)},
-        info={**model.info, "precision": {"fp32": "fp32", "int8-dynamic": "int8", "int4-weight": "int4"}[config.mode]},
+        info={**model.info, "precision": PRECISION[config.mode]},
     )

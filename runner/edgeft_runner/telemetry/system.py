@@ -75,8 +75,13 @@ def rss_mb() -> float | None:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak RSS: the larger of VmHWM and ru_maxrss (either may be missing or coarser)."""
+    """Peak RSS of this process: VmHWM, else ru_maxrss.
+
+    VmHWM first: Linux carries ru_maxrss across fork+exec, so a runner started by a big parent (a torch
+    process) would report the parent's peak (seen: 520 MB instead of 74 MB). VmHWM restarts at exec."""
     hwm = _kb_to_mb(_proc_fields(_read("/proc/self/status")).get("VmHWM"))
+    if hwm:
+        return round(hwm, 1)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is KB on Linux but bytes on macOS.
     maxrss_mb = maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0

@@ -1,0 +1,143 @@
+"""The spine end to end on the built-in demo: real training, export, ONNX Runtime, runner, SSH."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from edgeft.artifact import hash_dir, sha256_file
+
+
+def test_demo_build_passes_its_gate(demo_build):
+    report = demo_build["report"]
+    assert report["gate"]["passed"] is True
+    assert {c["budget"] for c in report["gate"]["checks"]} >= {"latency_ms_p99", "min_accuracy", "max_accuracy_drop"}
+    assert report["target"] == "rpi5" and report["runtime"]["name"] == "onnxruntime"
+    assert report["model"]["precision"] == "int8"
+    lat = report["latency_ms"]
+    assert lat["n"] >= 30 and lat["warmup"] >= 1
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert report["first_token_ms"] > 0 and report["decode_tokens_per_s"] > 0
+    assert 10 < report["peak_rss_mb"] < 1024
+    # This container has no thermal zones: the report says so instead of inventing a number.
+    assert report["thermal"]["max_c"] is None and report["thermal"]["reason"]
+    assert report["arch_matches_target"] is False  # x86_64 host, aarch64 target: said plainly
+
+
+def test_finetune_raises_accuracy_and_compression_keeps_it(demo_build):
+    acc = demo_build["report"]["accuracy"]
+    assert acc["base"] <= 0.05, acc  # the base never saw the task mapping
+    assert acc["finetuned"] >= acc["base"] + 0.7, acc
+    assert abs(acc["merged"] - acc["finetuned"]) <= 0.05, acc  # NF4-trained adapter into the fp32 base
+    assert acc["merged"] - acc["quantized"] <= 0.05, acc
+    assert acc["device"] == pytest.approx(acc["quantized"])  # same model, same decoding, same data
+
+
+def test_bundle_is_complete_and_verified(demo_build):
+    out = demo_build["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == hash_dir(out, skip=("manifest.json", "report.json"))
+    assert set(manifest["files"]) >= {"model.onnx", "golden.npz", "task.json", "tokenizer/tokenizer.json"}
+    for tool in ("torch", "transformers", "peft", "onnxruntime", "edgeft"):
+        assert manifest["tools"][tool], tool
+    prov = manifest["provenance"]
+    assert prov["dataset"]["sha256"] == sha256_file(Path(prov["dataset"]["path"]))
+    assert len(prov["base_model"]["sha256"]) == 64 and len(prov["adapter_sha256"]) == 64
+    assert manifest["profile"]["name"] == "arm-int8"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["gate"] == demo_build["report"]["gate"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+
+def _stage_dir(cache: Path, name: str) -> Path:
+    (path,) = sorted((cache / "artifacts").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)[-1:]
+    return path
+
+
+def test_merged_model_matches_base_plus_adapter(demo_build, cache_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged_meta = json.loads((_stage_dir(cache_dir, "merge") / "artifact.json").read_text())
+    assert merged_meta["metrics"]["merge_max_abs_diff"] <= 1e-3
+    base_dir = Path(demo_build["report"]["runner"]["bundle"]["target"] and json.loads((demo_build["out"] / "manifest.json").read_text())["provenance"]["base_model"]["path"])
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), _stage_dir(cache_dir, "finetune") / "adapter")
+        expected = with_adapter(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(_stage_dir(cache_dir, "merge"))(input_ids=ids).logits
+    assert float((merged - expected).abs().max()) < 1e-3
+    assert float((merged - expected).abs().max()) < 0.01 * float(expected.abs().max())
+
+
+def test_onnx_export_matches_pytorch(demo_build, cache_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeft import onnx_lm
+
+    rows = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 60, 3, 9, 12]]
+    torch_model = AutoModelForCausalLM.from_pretrained(_stage_dir(cache_dir, "merge"))
+    backend = onnx_lm.load(_stage_dir(cache_dir, "export") / "model.onnx")
+    for row, got in zip(rows, onnx_lm.teacher_forced_logits(backend, rows)):
+        with torch.no_grad():
+            expected = torch_model(input_ids=torch.tensor([row])).logits[0].numpy()
+        assert np.abs(got - expected).max() < 1e-3
+    assert (_stage_dir(cache_dir, "quantize") / "model.onnx").stat().st_size < 0.4 * (_stage_dir(cache_dir, "export") / "model.onnx").stat().st_size
+
+
+def test_second_build_skips_every_stage(demo_build, run_edgeft, tmp_path):
+    result = run_edgeft("build", "--target", "rpi5", "--out", tmp_path / "again", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert [s["cached"] for s in report["stages"]] == [True, True, True, True]
+    assert result.stderr.count("cached, inputs and config unchanged") == 4
+    first = json.loads((demo_build["out"] / "manifest.json").read_text())
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["files"] == first["files"]  # same model bytes, same golden data
+    assert report["accuracy"] == pytest.approx(demo_build["report"]["accuracy"])
+
+
+def _shape(value):
+    """The structure of a JSON value: keys and types, not numbers."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items() if k not in ("first_token_ms_runs",)}
+    if isinstance(value, list):
+        return [_shape(value[0])] if value else []
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def test_ssh_build_through_real_sshd(demo_build, run_edgeft, sshd, tmp_path):
+    out = tmp_path / "ssh-bundle"
+    result = run_edgeft("build", "--target", "rpi5", "--device", sshd.device_name, "--lab", sshd.lab_path, "--out", out, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    remote = json.loads(result.stdout)
+    local = demo_build["report"]
+    assert remote["device"]["name"] == sshd.device_name
+    assert _shape(remote) == _shape(local)
+    assert remote["accuracy"]["device"] == pytest.approx(local["accuracy"]["device"])
+    assert remote["smoke"]["passed"] is True
+    # The run dir on the device was cleaned up; nothing but the workdir's own files remain.
+    assert not list((sshd.workdir / "runs").glob("*")) if (sshd.workdir / "runs").exists() else True
+
+
+def test_thermal_zones_reach_the_report_and_the_gate(demo_build, run_edgeft, tmp_path):
+    zones = tmp_path / "sys" / "class" / "thermal"
+    for index, (kind, milli_c) in enumerate([("cpu-thermal", 61250), ("gpu-thermal", 90500)]):
+        (zones / f"thermal_zone{index}").mkdir(parents=True)
+        (zones / f"thermal_zone{index}" / "type").write_text(kind + "\n")
+        (zones / f"thermal_zone{index}" / "temp").write_text(f"{milli_c}\n")
+    result = run_edgeft("build", "--target", "rpi5", "--out", tmp_path / "hot", "--sysfs-root", tmp_path / "sys", "--json")
+    assert result.returncode == 1, result.stderr[-2000:]  # 90.5 °C breaks the 85 °C budget
+    report = json.loads(result.stdout)
+    assert report["thermal"]["max_c"] == pytest.approx(90.5)
+    (check,) = [c for c in report["gate"]["checks"] if c["budget"] == "max_temp_c"]
+    assert check["status"] == "fail" and check["measured"] == pytest.approx(90.5)
+    assert "FAIL max_temp_c: measured 90.5 °C, budget <= 85 °C" in result.stderr
+    assert (tmp_path / "hot" / "report.json").exists()  # a failed gate still leaves a complete bundle
