@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import pipeline
-from .artifact import atomic_dir, cache_root
+from .artifact import Artifact, atomic_dir, cache_root, digest_of
 from .bundle import assemble
-from .config import Target, load_profile, load_target
+from .config import Profile, Target, load_profile, load_target
 from .context import BuildContext
-from .data import load_splits
+from .data import Splits, load_splits
 from .errors import ConfigError, DeviceError, ModelError
 from .gate import evaluate
 
@@ -86,12 +86,24 @@ def measure_on_device(bundle_dir: Path, options: BuildOptions, log: Callable[[st
         transport.get_file(f"{run_dir}/report.json", local)
         report = json.loads(local.read_text())
         transport.remove(run_dir)
-    report["device"]["name"] = options.device
     return report
 
 
-def build(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run a whole build; returns the report (its gate says pass/fail). Raises EdgeftError on bad input."""
+@dataclass
+class Prepared:
+    """Everything a build needs before its stages run: validated inputs and a reachable device."""
+
+    options: BuildOptions
+    target: Target
+    profile: Profile
+    splits: Splits
+    ctx: BuildContext
+    out: Path
+    started: float
+
+
+def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> Prepared:
+    """Validate every input and reach the device first, so mistakes fail in a second, not after training."""
     import torch
 
     from . import quiet_libraries
@@ -102,7 +114,7 @@ def build(options: BuildOptions, progress=None, log: Callable[[str], None] = pri
     target = load_target(options.target)
     check_runtime(target)
     profile = load_profile(options.profile or target.default_profile)
-    stages = pipeline.plan(profile)
+    pipeline.plan(profile)
     splits = load_splits(options.data)
     if options.device != "local":  # an unreachable device or unknown host key fails now, not after training
         from .device import open_transport
@@ -110,14 +122,43 @@ def build(options: BuildOptions, progress=None, log: Callable[[str], None] = pri
         transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
         transport.close()
     out = Path(options.out) if options.out else Path("build") / target.name
-
-    model_dir = resolve_model(options.model, progress, log)
-    base = pipeline.base_artifact(model_dir)
+    base = pipeline.base_artifact(resolve_model(options.model, progress, log))
     ctx = BuildContext(base=base, splits=splits, target=target, profile=profile, out=cache_root(), progress=progress, log=log, threads=options.threads)
-    final, outcomes = pipeline.run(stages, ctx, force=options.force)
-    if final.kind != "onnx":
-        raise ConfigError(f"{profile.source}: the last stage must produce an ONNX model for {target.runtime}; end the stages with export (and quantize)")
+    return Prepared(options, target, profile, splits, ctx, out, started)
 
+
+def compile_model(prep: Prepared, stages: list[pipeline.PlannedStage], where: str) -> tuple[Artifact, list[pipeline.StageOutcome]]:
+    final, outcomes = pipeline.run(stages, prep.ctx, force=prep.options.force)
+    if final.kind != "onnx":
+        raise ConfigError(f"{where}: the last stage must produce an ONNX model for {prep.target.runtime}; end the stages with export (and quantize)")
+    return final, outcomes
+
+
+def measurement_key(prep: Prepared, final: Artifact) -> str:
+    from edgeft_runner import __version__ as runner_version
+
+    return digest_of({
+        "model": final.sha256, "device": prep.options.device, "measure": prep.profile.measure.model_dump(),
+        "threads": prep.target.threads, "task": prep.splits.sha256, "runner": runner_version, "sysfs": prep.options.sysfs_root,
+    })
+
+
+def measure_cached(prep: Prepared, final: Artifact, bundle_dir: Path, use_cache: bool) -> tuple[dict[str, Any], bool]:
+    """The device report for this model on this device; from the cache when it was measured before."""
+    path = cache_root() / "measurements" / f"{measurement_key(prep, final)[:32]}.json"
+    if use_cache and path.exists():
+        return json.loads(path.read_text()), True
+    report = measure_on_device(bundle_dir, prep.options, prep.ctx.log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report))
+    tmp.replace(path)
+    return report, False
+
+
+def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: Path, use_measure_cache: bool = False) -> dict[str, Any]:
+    """Assemble the bundle in `bundle_dir`, measure it on the device, gate it; returns the report."""
+    splits, target, profile, base = prep.splits, prep.target, prep.profile, prep.ctx.base
     metrics = {o.name: o.metrics for o in outcomes}
     accuracy = {
         "base": metrics.get("finetune", {}).get("accuracy_base"),
@@ -126,37 +167,53 @@ def build(options: BuildOptions, progress=None, log: Callable[[str], None] = pri
         "quantized": metrics.get("quantize", {}).get("accuracy"),
     }
     provenance = {
-        "base_model": {"path": str(model_dir), "sha256": base.sha256, "demo": options.model is None},
+        "base_model": {"path": str(base.path), "sha256": base.sha256, "demo": prep.options.model is None},
         "dataset": {"path": str(splits.source), "sha256": splits.sha256, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "adapter_sha256": next((o.sha256 for o in outcomes if o.name == "finetune"), None),
         "stages": [{"name": o.name, "key": o.key, "sha256": o.sha256, "metrics": o.metrics} for o in outcomes],
     }
-    with atomic_dir(out) as tmp:
-        manifest = assemble(tmp, final, splits, target, profile, provenance)
-        device_report = measure_on_device(tmp, options, log)
-        accuracy["device"] = device_report["accuracy"]["exact_match"]
-        reference = accuracy["merged"] if accuracy["merged"] is not None else accuracy["finetuned"]
-        accuracy["drop"] = round(reference - accuracy["device"], 4) if reference is not None else None
-        report = {
-            "format": REPORT_FORMAT,
-            "target": target.name,
-            "profile": profile.name,
-            "device": device_report["device"],
-            "arch_matches_target": device_report["device"]["arch"] == target.arch,
-            "runtime": device_report["runtime"],
-            "latency_ms": device_report["latency_ms"],
-            "first_token_ms": device_report["first_token_ms"],
-            "decode_tokens_per_s": device_report["decode_tokens_per_s"],
-            "peak_rss_mb": device_report["peak_rss_mb"],
-            "thermal": device_report["thermal"],
-            "accuracy": accuracy,
-            "smoke": device_report["smoke"],
-            "model": {**manifest["model"], "size_bytes": sum(p.stat().st_size for p in tmp.glob("model.onnx*"))},
-            "stages": [{"name": o.name, "cached": o.cached, "seconds": o.seconds} for o in outcomes],
-            "runner": device_report,
-        }
-        report["gate"] = evaluate(report, profile.budgets)
-        report["bundle"] = {"path": str(out), "manifest_sha256": None}
-        report["wall_s"] = round(time.perf_counter() - started, 2)
+    manifest = assemble(bundle_dir, final, splits, target, profile, provenance)
+    model_bytes = sum(p.stat().st_size for p in bundle_dir.glob("model.onnx*"))
+    device_report, measure_was_cached = measure_cached(prep, final, bundle_dir, use_measure_cache)
+    accuracy["device"] = device_report["accuracy"]["exact_match"]
+    reference = accuracy["merged"] if accuracy["merged"] is not None else accuracy["finetuned"]
+    accuracy["drop"] = round(reference - accuracy["device"], 4) if reference is not None else None
+    report = {
+        "format": REPORT_FORMAT,
+        "target": target.name,
+        "profile": profile.name,
+        "device": {**device_report["device"], "name": prep.options.device},
+        "arch_matches_target": device_report["device"]["arch"] == target.arch,
+        "runtime": device_report["runtime"],
+        "latency_ms": device_report["latency_ms"],
+        "first_token_ms": device_report["first_token_ms"],
+        "decode_tokens_per_s": device_report["decode_tokens_per_s"],
+        "peak_rss_mb": device_report["peak_rss_mb"],
+        "thermal": device_report["thermal"],
+        "accuracy": accuracy,
+        "smoke": device_report["smoke"],
+        "model": {**manifest["model"], "size_bytes": model_bytes, "size_mb": round(model_bytes / 1e6, 3)},
+        "stages": [{"name": o.name, "cached": o.cached, "seconds": o.seconds} for o in outcomes],
+        "measurement_cached": measure_was_cached,
+        "runner": device_report,
+    }
+    report["gate"] = evaluate(report, profile.budgets)
+    return report
+
+
+def write_bundle(prep: Prepared, final: Artifact, outcomes, use_measure_cache: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Package, measure and gate into a temp dir, then rename it to prep.out: complete or absent."""
+    with atomic_dir(prep.out) as tmp:
+        report = package_and_measure(prep, final, outcomes, tmp, use_measure_cache)
+        report.update(extra or {})
+        report["bundle"] = {"path": str(prep.out)}
+        report["wall_s"] = round(time.perf_counter() - prep.started, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def build(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a whole build; returns the report (its gate says pass/fail). Raises EdgeftError on bad input."""
+    prep = prepare(options, progress, log)
+    final, outcomes = compile_model(prep, pipeline.plan(prep.profile), str(prep.profile.source))
+    return write_bundle(prep, final, outcomes)

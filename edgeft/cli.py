@@ -74,9 +74,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Re-run every stage even when its cached result is valid.")
 @click.option("--threads", default=2, show_default=True, help="Host CPU threads for training and export.")
 @click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
+@click.option("--search", "do_search", is_flag=True, help="Build and measure every candidate (the profile's search: section, or fp32/int8/int4/pruned), keep the most accurate one within budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
-def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, as_json, quiet):
+def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, do_search, as_json, quiet):
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
@@ -86,6 +87,7 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
       edgeft build --target rpi5                      # demo model + demo data, measured locally
       edgeft build -t rpi5 --model ./my-llama --data train.jsonl --device rpi5-lab-1
       edgeft build -t rpi5 -p arm-int4 --json > report.json
+      edgeft build -t rpi5 --search --device rpi5-lab-1   # most accurate candidate within budget
     """
     from .build import BuildOptions
     from .build import build as run_build
@@ -96,6 +98,16 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
         target=target, profile=profile, model=model, data=data, device=device, lab=lab, out=out,
         trust_new_host_key=trust_new_host_key, force=force, sysfs_root=sysfs_root, threads=threads,
     )
+    if do_search:
+        from .search import search
+
+        with _progress(not quiet) as progress:
+            result = search(options, progress=progress, log=log)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        if not quiet:
+            _search_table(result)
+        sys.exit(0 if result["chosen"] else 1)
     with _progress(not quiet) as progress:
         report = run_build(options, progress=progress, log=log)
     if as_json:
@@ -128,6 +140,26 @@ def _summary(report: dict) -> None:
         f"  exact match: base {fmt(acc['base'])} → finetuned {fmt(acc['finetuned'])} → merged {fmt(acc['merged'])} "
         f"→ quantized {fmt(acc['quantized'])} → on device {fmt(acc['device'])}"
     )
+
+
+def _search_table(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"search: {result['target']} on {result['device']}", title_justify="left")
+    for column in ("candidate", "size MB", "accuracy", "p50 ms", "p99 ms", "first tok ms", "tok/s", "peak MB", "verdict"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in result["candidates"]:
+        verdict = "[green]PASS[/]" if row["verdict"] == "PASS" else f"[red]FAIL[/] {','.join(row['failed'])}"
+        mark = "→ " if row["candidate"] == result["chosen"] else "  "
+        table.add_row(
+            mark + row["candidate"], f"{row['size_bytes'] / 1e6:.2f}", f"{row['accuracy']:.3f}", f"{row['latency_ms_p50']:.2f}",
+            f"{row['latency_ms_p99']:.2f}", f"{row['first_token_ms']:.2f}", f"{row['decode_tokens_per_s']:.0f}", f"{row['peak_rss_mb']:.0f}", verdict,
+        )
+    console.print(table)
+    console.print(("[green]chosen:[/] " if result["chosen"] else "[red]none:[/] ") + result["why"], soft_wrap=True)
+    if result.get("bundle"):
+        console.print(f"bundle: {result['bundle']}")
+    console.print(f"all results: {result['search_json']}")
 
 
 @main.command()

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 
@@ -60,32 +60,43 @@ class Budgets(Strict):
     first_token_ms: float | None = Field(None, gt=0)
     min_decode_tokens_per_s: float | None = Field(None, gt=0)
     peak_rss_mb: float | None = Field(None, gt=0)
+    max_model_mb: float | None = Field(None, gt=0)  # the model files' size: what has to fit and be flashed
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     min_accuracy: float | None = Field(None, ge=0, le=1)
     max_temp_c: float | None = Field(None, gt=0)
 
 
+def _stage_list(value: Any) -> Any:
+    """A plain list of one-key mappings, stage name -> its config (validated later by edgeft.stages)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list like [{finetune: {...}}, {merge: {}}]")
+    for item in value:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(f"each stage must be a one-key mapping like {{merge: {{}}}}, got {item!r}")
+        (config,) = item.values()
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"the config of stage {next(iter(item))!r} must be a mapping")
+    return [{name: (config or {}) for name, config in item.items()} for item in value]
+
+
+StageList = Annotated[list[dict[str, dict[str, Any]]], BeforeValidator(_stage_list)]
+
+
+class SearchConfig(Strict):
+    """Candidates for `edgeft build --search`: each is the stage list that follows the profile's
+    shared prefix (its stages up to and including merge)."""
+
+    candidates: dict[str, StageList] = Field(min_length=1)
+
+
 class Profile(Strict):
     name: str
     description: str = ""
-    # A plain list of one-key mappings, stage name -> its config; validated by edgeft.stages.
-    stages: list[dict[str, dict[str, Any]]]
+    stages: StageList
     measure: MeasureConfig = MeasureConfig()
     budgets: Budgets = Budgets()
+    search: SearchConfig | None = None
     source: Path | None = Field(None, exclude=True)
-
-    @field_validator("stages", mode="before")
-    @classmethod
-    def _one_key_each(cls, value: Any) -> Any:
-        if not isinstance(value, list) or not value:
-            raise ValueError("must be a non-empty list like [{finetune: {...}}, {merge: {}}]")
-        for item in value:
-            if not isinstance(item, dict) or len(item) != 1:
-                raise ValueError(f"each stage must be a one-key mapping like {{merge: {{}}}}, got {item!r}")
-            (config,) = item.values()
-            if config is not None and not isinstance(config, dict):
-                raise ValueError(f"the config of stage {next(iter(item))!r} must be a mapping")
-        return [{name: (config or {}) for name, config in item.items()} for item in value]
 
 
 # ------------------------------------------------------------------------------------------- lab

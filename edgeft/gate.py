@@ -13,6 +13,7 @@ CHECKS = {
     "first_token_ms": ("first_token_ms", "max", "ms"),
     "min_decode_tokens_per_s": ("decode_tokens_per_s", "min", "tok/s"),
     "peak_rss_mb": ("peak_rss_mb", "max", "MB"),
+    "max_model_mb": ("model.size_mb", "max", "MB"),
     "max_accuracy_drop": ("accuracy.drop", "max", ""),
     "min_accuracy": ("accuracy.device", "min", ""),
     "max_temp_c": ("thermal.max_c", "max", "°C"),

@@ -40,20 +40,20 @@ class StageOutcome:
     metrics: dict[str, Any]
 
 
-def plan(profile: Profile) -> list[PlannedStage]:
+def plan(profile: Profile, stages: list[dict[str, dict[str, Any]]] | None = None, where: str = "stages") -> list[PlannedStage]:
     """Validate every stage's config before anything runs, so a typo fails in a second, not an hour in."""
     planned = []
-    for index, item in enumerate(profile.stages):
+    for index, item in enumerate(profile.stages if stages is None else stages):
         ((name, raw),) = item.items()
-        where = f"{profile.source}: stages[{index}]"
-        module = stage_module(name, where)
+        where_item = f"{profile.source}: {where}[{index}]"
+        module = stage_module(name, where_item)
         config_type = next(v for k, v in vars(module).items() if k.endswith("Config") and k != "BaseModel" and isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == module.__name__)
         try:
             config = config_type.model_validate(raw)
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"{where} ({name}): field '{field}': {err['msg']}") from None
+            raise ConfigError(f"{where_item} ({name}): field '{field}': {err['msg']}") from None
         planned.append(PlannedStage(name, module, config))
     return planned
 

@@ -177,7 +177,7 @@ def run(model: Artifact, config: DistillConfig, ctx: BuildContext) -> Artifact:
             "teacher_accuracy": teacher_accuracy,
             "params": count_params(student),
             "teacher_params": count_params(teacher),
-            "loss": round(sum(losses) / len(losses), 4),
+            "loss": round(sum(losses) / len(losses), 4),  # mean over all steps, like finetune's train_loss
             "train_steps": steps,
             "train_s": round(train_s, 1),
         },

@@ -61,9 +61,12 @@ def model_shape(config) -> dict:
 def export_onnx(model, path, opset: int) -> None:
     import torch
 
+    # Eager attention traces to plain ops for every opset; sdpa's masking paths can fail or specialise.
+    model.set_attn_implementation("eager")
     shape = model_shape(model.config)
     seq, past_len = 3, 5  # example sizes >= 2, so torch.export doesn't specialise them to 0 or 1
-    past = tuple(torch.zeros(1, shape["num_kv_heads"], past_len, shape["head_dim"]) for _ in range(2 * shape["num_layers"]))
+    dtype = next(model.parameters()).dtype  # an fp16 model takes an fp16 cache
+    past = tuple(torch.zeros(1, shape["num_kv_heads"], past_len, shape["head_dim"], dtype=dtype) for _ in range(2 * shape["num_layers"]))
     args = (torch.full((1, seq), 3, dtype=torch.long), torch.ones(1, past_len + seq, dtype=torch.long), *past)
     # Dims can't be added (past + seq), so the mask length is a Dim of its own; *past is one tuple.
     dim = torch.export.Dim
@@ -94,7 +97,7 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
     if model.kind != "hf-model":
         raise ModelError(f"export needs a PyTorch model (after merge), got a {model.kind!r} artifact; list merge before export")
     tokenizer = load_tokenizer(model.path)
-    torch_model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32, attn_implementation="eager").eval()
+    torch_model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
     task = ctx.progress.add_task("export ONNX", total=None) if ctx.progress else None
     try:
         export_onnx(torch_model, ctx.out / "model.onnx", config.opset)

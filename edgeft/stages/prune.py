@@ -21,7 +21,7 @@ from .finetune import _Collator, _features, load_tokenizer
 
 # Decoder-only models laid out like Llama (q/k/v/o_proj, gate/up/down_proj, rotary, no per-head weights
 # outside the projections), which this stage knows how to slice.
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class PruneConfig(BaseModel):
@@ -30,7 +30,8 @@ class PruneConfig(BaseModel):
     mlp_ratio: float = Field(0.25, ge=0, lt=1)  # share of MLP intermediate channels removed from every layer
     head_ratio: float = Field(0.0, ge=0, lt=1)  # share of attention heads (whole KV groups) removed from every layer
     layers: list[int] = []  # decoder layers removed whole (depth pruning), 0-based
-    # l2: weight norm of each channel/head's rows and columns; taylor: sum |w * dL/dw| over calibration batches
+    # l2: squared L2 norm of each channel/head's rows and columns; taylor: sum of |w * dL/dw| over them, with dL/dw
+    # accumulated over calibration_examples train examples. l2 measured better on the demo (0.75 vs 0.25 at mlp_ratio 0.75).
     importance: Literal["l2", "taylor"] = "l2"
     calibration_examples: int = Field(64, ge=1)  # train-split examples for taylor importance
     batch_size: int = Field(16, ge=1)  # calibration batch size
@@ -53,14 +54,13 @@ def _check_supported(model, path) -> None:
 
 
 def _taylor_scores(model, tokenizer, config: PruneConfig, ctx: BuildContext) -> dict[str, "torch.Tensor"]:
-    """|w * grad| per weight, gradients summed over calibration batches of the task loss."""
-    import torch
-
+    """|w * dL/dw| per weight, the task loss's gradient accumulated over the calibration batches (as
+    torch-pruning's TaylorImportance does). Taking |.| per batch instead measured worse on the demo."""
     rows = _features(tokenizer, ctx.splits.train[: config.calibration_examples], config.max_length, f"{ctx.splits.source} (train split)")
     collate = _Collator(tokenizer.pad_token_id)
+    task = ctx.progress.add_task("prune: taylor importance", total=len(rows)) if ctx.progress else None
     model.train()
     model.zero_grad(set_to_none=True)
-    task = ctx.progress.add_task("prune: taylor importance", total=len(rows)) if ctx.progress else None
     for start in range(0, len(rows), config.batch_size):
         batch = collate(rows[start : start + config.batch_size])
         model(**batch).loss.backward()
@@ -82,18 +82,12 @@ def _keep(scores: "torch.Tensor", n_remove: int) -> "torch.Tensor":
     return torch.sort(keep).values
 
 
-def prune_model(model, mlp_ratio: float, head_ratio: float, layers: list[int], weight_scores=None):
-    """A new, smaller model of the same class. A unit's importance is the sum of its weights' scores;
-    weight_scores (name -> per-weight score) default to w**2 (so: squared L2 norm of its rows and columns).
+def pruned_config(old, mlp_ratio: float, head_ratio: float, layers: list[int]):
+    """The config of the pruned model, checked before any weight is touched.
 
-    Returns (model, removed) where removed counts what went, per layer.
+    Returns (config, kept layer indices, MLP channels removed per layer, KV groups removed per layer).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    old = model.config
     n_layers, n_heads, n_kv = old.num_hidden_layers, old.num_attention_heads, old.num_key_value_heads
-    head_dim = getattr(old, "head_dim", None) or old.hidden_size // n_heads
     group = n_heads // n_kv
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
@@ -107,6 +101,38 @@ def prune_model(model, mlp_ratio: float, head_ratio: float, layers: list[int], w
         raise ModelError(f"prune.head_ratio {head_ratio} removes all {n_kv} KV groups; lower it")
     if mlp_remove >= old.intermediate_size:
         raise ModelError(f"prune.mlp_ratio {mlp_ratio} removes all {old.intermediate_size} MLP channels; lower it")
+
+    config = old.__class__.from_dict(old.to_dict())
+    config.num_hidden_layers = len(kept_layers)
+    config.num_key_value_heads = n_kv - kv_remove
+    config.num_attention_heads = (n_kv - kv_remove) * group
+    config.head_dim = getattr(old, "head_dim", None) or old.hidden_size // n_heads  # unchanged, now explicit
+    config.intermediate_size = old.intermediate_size - mlp_remove
+    if getattr(config, "layer_types", None):
+        config.layer_types = [old.layer_types[i] for i in kept_layers]
+    try:  # transformers 5's own checks (Llama: hidden_size must be a multiple of the head count, head_dim or not)
+        config.validate()
+    except Exception as exc:  # a StrictDataclassClassValidationError whose cause holds the readable line
+        valid = [round(k / n_kv, 4) for k in range(n_kv) if old.hidden_size % ((n_kv - k) * group) == 0]
+        raise ModelError(
+            f"prune: keeping {config.num_attention_heads} of {n_heads} heads gives an invalid {config.model_type!r} config "
+            f"({str(exc.__cause__ or exc).strip().splitlines()[0]}); use a head_ratio of {', '.join(map(str, valid))}"
+        ) from None
+    return config, kept_layers, mlp_remove, kv_remove
+
+
+def prune_model(model, mlp_ratio: float, head_ratio: float, layers: list[int], weight_scores=None):
+    """A new, smaller model of the same class. A unit's importance is the sum of its weights' scores;
+    weight_scores (name -> per-weight score) default to w**2 (so: squared L2 norm of its rows and columns).
+
+    Returns (model, removed) where removed counts what went, per layer.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, kept_layers, mlp_remove, kv_remove = pruned_config(model.config, mlp_ratio, head_ratio, layers)
+    n_kv, head_dim = model.config.num_key_value_heads, config.head_dim
+    group = model.config.num_attention_heads // n_kv
 
     state = model.state_dict()
     score = (lambda name: weight_scores[name]) if weight_scores is not None else (lambda name: state[name].pow(2))
@@ -143,14 +169,6 @@ def prune_model(model, mlp_ratio: float, head_ratio: float, layers: list[int], w
                     layer[name] = layer[name][:, q_rows]
         new_state.update({dst + k: v.contiguous() for k, v in layer.items()})
 
-    config = old.__class__.from_dict(old.to_dict())
-    config.num_hidden_layers = len(kept_layers)
-    config.num_key_value_heads = n_kv - kv_remove
-    config.num_attention_heads = (n_kv - kv_remove) * group
-    config.head_dim = head_dim
-    config.intermediate_size = old.intermediate_size - mlp_remove
-    if getattr(config, "layer_types", None):
-        config.layer_types = [old.layer_types[i] for i in kept_layers]
     pruned = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     try:
         pruned.load_state_dict(new_state, strict=True)
@@ -173,6 +191,7 @@ def run(model: Artifact, config: PruneConfig, ctx: BuildContext) -> Artifact:
     except (OSError, ValueError) as exc:
         raise ModelError(f"{model.path}: cannot load as a causal LM: {str(exc).splitlines()[0]}") from None
     _check_supported(source, model.path)
+    pruned_config(source.config, config.mlp_ratio, config.head_ratio, config.layers)  # fail before any scoring
     source.eval()
     scores = _taylor_scores(source, tokenizer, config, ctx) if config.importance == "taylor" else None
     pruned, removed = prune_model(source, config.mlp_ratio, config.head_ratio, config.layers, scores)

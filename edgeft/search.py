@@ -1,0 +1,122 @@
+"""`edgeft build --search`: build each candidate, measure it on the chosen device, keep the most
+accurate one that meets every budget.
+
+A candidate is judged by its measurement, never by its precision: int8 can be slower than float on
+some hardware. Every measurement is cached by (model hash, device, measure settings), so a re-run
+measures nothing twice; shared stages (fine-tune, merge, export) come from the stage cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import pipeline
+from .build import BuildOptions, compile_model, package_and_measure, prepare, write_bundle
+from .errors import ConfigError
+from .stages import STAGES
+
+# When the profile has no `search:` section. Pruned candidates are recovered by distillation.
+DEFAULT_CANDIDATES: dict[str, list[dict[str, dict[str, Any]]]] = {
+    "fp32": [{"export": {}}],
+    "int8-dynamic": [{"export": {}}, {"quantize": {"mode": "int8-dynamic"}}],
+    "int8-static": [{"export": {}}, {"quantize": {"mode": "int8-static"}}],
+    "int4": [{"export": {}}, {"quantize": {"mode": "int4-weight"}}],
+    "pruned25+kd-int8": [{"prune": {"mlp_ratio": 0.25}}, {"distill": {}}, {"export": {}}, {"quantize": {"mode": "int8-dynamic"}}],
+    "pruned50+kd-int8": [{"prune": {"mlp_ratio": 0.5}}, {"distill": {}}, {"export": {}}, {"quantize": {"mode": "int8-dynamic"}}],
+}
+
+
+@dataclass
+class Candidate:
+    name: str
+    stages: list[pipeline.PlannedStage]
+    report: dict[str, Any] = field(default_factory=dict)
+    final: Any = None
+    outcomes: list = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        r = self.report
+        return {
+            "candidate": self.name,
+            "stages": [s.name for s in self.stages],
+            "precision": r["model"]["precision"],
+            "size_bytes": r["model"]["size_bytes"],
+            "accuracy": r["accuracy"]["device"],
+            "latency_ms_p50": r["latency_ms"]["p50"],
+            "latency_ms_p99": r["latency_ms"]["p99"],
+            "first_token_ms": r["first_token_ms"],
+            "decode_tokens_per_s": r["decode_tokens_per_s"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "measurement_cached": r["measurement_cached"],
+            "verdict": r["gate"]["verdict"],
+            "failed": [c["budget"] for c in r["gate"]["checks"] if c["status"] == "fail"],
+            "checks": r["gate"]["checks"],
+        }
+
+
+def shared_prefix(profile) -> list[dict[str, dict[str, Any]]]:
+    names = [next(iter(item)) for item in profile.stages]
+    if "merge" not in names:
+        raise ConfigError(f"{profile.source}: --search needs a profile whose stages include merge (candidates branch off after it)")
+    return profile.stages[: len(names) - names[::-1].index("merge")]
+
+
+def _miss(check: dict[str, Any]) -> float:
+    """How far a failed check missed, relative to its budget."""
+    measured, limit = check["measured"], check["limit"]
+    gap = measured - limit if check["direction"] == "max" else limit - measured
+    return gap / abs(limit) if limit else float("inf")
+
+
+def search(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    prep = prepare(options, progress, log)
+    profile = prep.profile
+    prefix = shared_prefix(profile)
+    raw = profile.search.candidates if profile.search else {
+        name: stages for name, stages in DEFAULT_CANDIDATES.items() if all(next(iter(s)) in STAGES for s in stages)
+    }
+    candidates = [Candidate(name, pipeline.plan(profile, prefix + stages, where=f"search.candidates.{name}")) for name, stages in raw.items()]
+
+    for candidate in candidates:
+        log(f"candidate {candidate.name}: {' → '.join(s.name for s in candidate.stages)}")
+        candidate.final, candidate.outcomes = compile_model(prep, candidate.stages, f"{profile.source}: search.candidates.{candidate.name}")
+        with tempfile.TemporaryDirectory(prefix="edgeft-candidate-") as tmp:
+            candidate.report = package_and_measure(prep, candidate.final, candidate.outcomes, Path(tmp), use_measure_cache=not options.force)
+
+    rows = [c.row() for c in candidates]
+    passing = [c for c in candidates if c.report["gate"]["passed"]]
+    result: dict[str, Any] = {"format": "edgeft-search/1", "target": prep.target.name, "profile": profile.name, "device": options.device,
+                              "budgets": profile.budgets.model_dump(exclude_none=True), "candidates": rows}
+    if passing:
+        # Most accurate first; among equals, the faster (lower p50) one.
+        chosen = max(passing, key=lambda c: (c.report["accuracy"]["device"], -c.report["latency_ms"]["p50"]))
+        others = sorted(passing, key=lambda c: -c.report["accuracy"]["device"])
+        result["chosen"] = chosen.name
+        result["why"] = (
+            f"{chosen.name} meets every budget with the highest on-device accuracy ({chosen.report['accuracy']['device']:.3f}) "
+            f"of the {len(passing)} candidate(s) that do"
+            + ("" if len(others) < 2 else f"; ties broken by p50 latency ({chosen.report['latency_ms']['p50']} ms)")
+        )
+        report = write_bundle(prep, chosen.final, chosen.outcomes, use_measure_cache=True, extra={"search": {"chosen": chosen.name, "candidates": len(rows)}})
+        result["bundle"] = report["bundle"]["path"]
+    else:
+        failed = [(c.name, check) for c in candidates for check in c.report["gate"]["checks"] if check["status"] == "fail"]
+        name, check = min(failed, key=lambda item: _miss(item[1]))
+        result["chosen"] = None
+        result["closest"] = {"candidate": name, "budget": check["budget"], "measured": check["measured"], "limit": check["limit"], "miss": round(_miss(check), 4)}
+        result["why"] = (
+            f"no candidate meets every budget; closest: {name} missed {check['budget']} by {_miss(check):.1%} "
+            f"(measured {check['measured']:g}, budget {'<=' if check['direction'] == 'max' else '>='} {check['limit']:g})"
+        )
+    path = prep.out.parent / f"{prep.out.name}.search.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp_path.write_text(json.dumps(result, indent=2))
+    tmp_path.replace(path)
+    result["search_json"] = str(path)
+    return result

@@ -1,0 +1,62 @@
+"""Budget search: each candidate measured on the device, the most accurate within budget chosen."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from edgeft.config import PROJECT_ROOT
+
+CANDIDATES = {
+    "fp32": [{"export": {}}],
+    "int8-dynamic": [{"export": {}}, {"quantize": {"mode": "int8-dynamic"}}],
+    "int4": [{"export": {}}, {"quantize": {"mode": "int4-weight"}}],
+}
+
+
+def _profile(tmp_path, name, budgets):
+    base = yaml.safe_load((PROJECT_ROOT / "profiles" / "arm-int8.yaml").read_text())  # same prefix: cached stages
+    base.update(budgets=budgets, search={"candidates": CANDIDATES})
+    base["measure"].update(min_s=0.2, min_iters=10)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def _search(run_edgeft, tmp_path, name, budgets):
+    out = tmp_path / name
+    result = run_edgeft("build", "-t", "rpi5", "-p", _profile(tmp_path, name, budgets), "--search", "--out", out, "--json")
+    return result, (json.loads(result.stdout) if result.stdout.strip() else None), out
+
+
+def test_search_picks_known_answer_and_caches_measurements(demo_build, run_edgeft, tmp_path):
+    result, loose, out = _search(run_edgeft, tmp_path, "loose", {"min_accuracy": 0.5})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["candidate"]: r for r in loose["candidates"]}
+    assert set(rows) == set(CANDIDATES) and all(r["verdict"] == "PASS" for r in rows.values())
+    best = max(r["accuracy"] for r in rows.values())
+    assert rows[loose["chosen"]]["accuracy"] == best
+    assert json.loads((out / "report.json").read_text())["search"]["chosen"] == loose["chosen"]
+    assert json.loads((tmp_path / "loose.search.json").read_text())["chosen"] == loose["chosen"]
+    assert rows["int4"]["size_bytes"] < rows["int8-dynamic"]["size_bytes"] < rows["fp32"]["size_bytes"]
+
+    # A size budget only int4 meets: the answer is known whatever the accuracies.
+    limit_mb = (rows["int4"]["size_bytes"] + rows["int8-dynamic"]["size_bytes"]) / 2 / 1e6
+    result, tight, _ = _search(run_edgeft, tmp_path, "tight", {"min_accuracy": 0.5, "max_model_mb": limit_mb})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert tight["chosen"] == "int4"
+    assert {r["candidate"]: r["verdict"] for r in tight["candidates"]} == {"fp32": "FAIL", "int8-dynamic": "FAIL", "int4": "PASS"}
+    # Same models, same device, same measure settings: nothing measured twice.
+    assert all(r["measurement_cached"] for r in tight["candidates"])
+    assert "search: rpi5 on local" in result.stderr and "chosen:" in result.stderr
+
+
+def test_search_with_impossible_budgets_exits_1_naming_the_closest(demo_build, run_edgeft, tmp_path):
+    result, data, out = _search(run_edgeft, tmp_path, "impossible", {"latency_ms_p99": 0.0001, "min_accuracy": 0.5})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert data["chosen"] is None and data["closest"]["budget"] == "latency_ms_p99"
+    fastest = min(data["candidates"], key=lambda r: r["latency_ms_p99"])
+    assert data["closest"]["candidate"] == fastest["candidate"]
+    assert "closest:" in result.stderr and "missed latency_ms_p99" in result.stderr
+    assert not out.exists()  # no bundle when nothing qualifies
