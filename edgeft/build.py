@@ -164,6 +164,8 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
         "base": metrics.get("finetune", {}).get("accuracy_base"),
         "finetuned": metrics.get("finetune", {}).get("accuracy"),
         "merged": metrics.get("merge", {}).get("accuracy"),
+        "pruned": metrics.get("prune", {}).get("accuracy"),
+        "distilled": metrics.get("distill", {}).get("accuracy"),
         "quantized": metrics.get("quantize", {}).get("accuracy"),
     }
     provenance = {

@@ -136,10 +136,9 @@ def _summary(report: dict) -> None:
         f"  latency p50 {lat['p50']} / p99 {lat['p99']} ms ({lat['prompt_tokens']} tokens, n={lat['n']}), "
         f"first token {report['first_token_ms']} ms, decode {report['decode_tokens_per_s']} tok/s, peak RSS {report['peak_rss_mb']} MB"
     )
-    console.print(
-        f"  exact match: base {fmt(acc['base'])} → finetuned {fmt(acc['finetuned'])} → merged {fmt(acc['merged'])} "
-        f"→ quantized {fmt(acc['quantized'])} → on device {fmt(acc['device'])}"
-    )
+    steps = ("base", "finetuned", "merged", "pruned", "distilled", "quantized", "device")
+    chain = " → ".join(f"{'on device' if k == 'device' else k} {fmt(acc[k])}" for k in steps if acc.get(k) is not None)
+    console.print(f"  exact match: {chain}")
 
 
 def _search_table(result: dict) -> None:
