@@ -1,9 +1,10 @@
 """Benchmarks for the spine, printed as ratios measured in one run (they hold on a noisy machine).
 
 1. The demo build: cold (empty cache, includes pretraining the demo base) vs warm (everything cached).
-2. int8 vs fp32 on the demo model: size, p50 latency and on-device accuracy, from two real builds.
+2. Each precision (int8 dynamic, int8 static, int4) vs fp32 on the demo model: size, p50 latency,
+   decode tokens/s and on-device accuracy, from real builds.
 3. The runner's p50 vs a bare onnxruntime loop on the same model file, same input, same threads.
-4. int8 / int4 vs fp32 on a ~20M-parameter random Llama (hidden 512), where quantization has room
+4. int8 / int8-static / int4 vs fp32 on a ~20M-parameter random Llama (hidden 512), where quantization has room
    to show: size, prefill p50 and decode tokens/s.
 
 Usage: .venv/bin/python bench/bench_build.py [--skip-cold]
@@ -86,9 +87,10 @@ def big_model_quantization(threads: int) -> None:
         fp32 = Path(tmp) / "fp32.onnx"
         export_onnx(model, fp32, opset=18)
         paths = {"fp32": fp32}
-        for mode, name in (("int8-dynamic", "int8"), ("int4-weight", "int4")):
+        calibration_rows = [list(3 + (np.arange(48) * (i + 7)) % (config.vocab_size - 3)) for i in range(16)]
+        for mode, name in (("int8-dynamic", "int8"), ("int8-static", "int8-static"), ("int4-weight", "int4")):
             paths[name] = Path(tmp) / f"{name}.onnx"
-            quantize(fp32, paths[name], QuantizeConfig(mode=mode))
+            quantize(fp32, paths[name], QuantizeConfig(mode=mode), calibration_rows)
         results = {}
         prompt = prompt_ids(64, config.vocab_size)
         for name, path in paths.items():
@@ -113,12 +115,16 @@ def main() -> None:
         out = Path(tmp)
         cold_s, int8 = edgeft(cache, "--target", "rpi5", "--out", out / "int8")
         warm_s, _ = edgeft(cache, "--target", "rpi5", "--out", out / "int8-again")
-        _, fp32 = edgeft(cache, "--target", "rpi5", "--profile", "arm-fp32", "--out", out / "fp32")
         print(f"[1] demo build: {'cold' if not args.skip_cold else 'first'} {cold_s:.1f} s, warm {warm_s:.1f} s (warm/cold {warm_s / cold_s:.2f})")
-        ratio = lambda key: int8[key] / fp32[key]  # noqa: E731
-        print(f"[2] demo model int8 vs fp32: size {int8['model']['size_bytes'] / fp32['model']['size_bytes']:.2f}x, "
-              f"p50 {int8['latency_ms']['p50'] / fp32['latency_ms']['p50']:.2f}x, decode tok/s {ratio('decode_tokens_per_s'):.2f}x, "
-              f"exact match {int8['accuracy']['device']:.3f} vs {fp32['accuracy']['device']:.3f} (delta {int8['accuracy']['device'] - fp32['accuracy']['device']:+.3f})")
+        reports = {"fp32": edgeft(cache, "-t", "rpi5", "-p", "arm-fp32", "--out", out / "fp32")[1], "int8": int8}
+        for precision in ("int8-static", "int4"):
+            reports[precision] = edgeft(cache, "-t", "rpi5", "-p", f"arm-{precision}", "--out", out / precision)[1]
+        fp32 = reports["fp32"]
+        print("[2] demo model (0.8M params, 32-token prefill) per precision vs fp32, measured by the runner on this machine:")
+        print(f"    {'precision':12} {'size x':>7} {'p50 x':>6} {'tok/s x':>8} {'exact match':>12} {'delta':>7}")
+        for precision, r in reports.items():
+            print(f"    {precision:12} {r['model']['size_bytes'] / fp32['model']['size_bytes']:7.2f} {r['latency_ms']['p50'] / fp32['latency_ms']['p50']:6.2f} "
+                  f"{r['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:8.2f} {r['accuracy']['device']:12.3f} {r['accuracy']['device'] - fp32['accuracy']['device']:+7.3f}")
         bundle = out / "int8"
         prompt_tokens = int8["latency_ms"]["prompt_tokens"]
         pairs = [(runner_p50(bundle, args.threads), bare_ort_p50(bundle / "model.onnx", prompt_tokens, args.threads, 300)) for _ in range(3)]

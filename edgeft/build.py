@@ -192,6 +192,7 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
         "decode_tokens_per_s": device_report["decode_tokens_per_s"],
         "peak_rss_mb": device_report["peak_rss_mb"],
         "thermal": device_report["thermal"],
+        "throttle": device_report.get("throttle"),
         "accuracy": accuracy,
         "smoke": device_report["smoke"],
         "model": {**manifest["model"], "size_bytes": model_bytes, "size_mb": round(model_bytes / 1e6, 3)},

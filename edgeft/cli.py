@@ -13,6 +13,9 @@ from rich.console import Console
 from . import __version__
 from .errors import EdgeftError
 
+# 3: the device throttled during the run, so the measurement says nothing about the budgets.
+EXIT_BY_VERDICT = {"PASS": 0, "FAIL": 1, "INVALID": 3}
+
 # Human output goes to stderr, so `--json` leaves stdout clean for machines.
 console = Console(stderr=True, highlight=False)
 
@@ -81,7 +84,8 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
-    Exit status: 0 the gate passed, 1 a budget failed, 2 bad input or unreachable device.
+    Exit status: 0 the gate passed, 1 a budget failed, 2 bad input or unreachable device,
+    3 invalid measurement (the device throttled during the run: cool it down and re-run).
     \b
     Examples:
       edgeft build --target rpi5                      # demo model + demo data, measured locally
@@ -116,8 +120,11 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
         _summary(report)
         for check in report["gate"]["checks"]:
             console.print(("  " if check["status"] != "fail" else "  [red]") + describe(check) + ("[/]" if check["status"] == "fail" else ""))
-        console.print(f"[bold]{'[green]PASS' if report['gate']['passed'] else '[red]FAIL'}[/][/bold]  bundle: {report['bundle']['path']}")
-    sys.exit(0 if report["gate"]["passed"] else 1)
+        for reason in report["gate"].get("invalid_reasons", []):
+            console.print(f"  [yellow]throttled:[/] {reason}")
+        colour = {"PASS": "green", "FAIL": "red", "INVALID": "yellow"}[report["gate"]["verdict"]]
+        console.print(f"[bold {colour}]{report['gate']['verdict']}[/]  bundle: {report['bundle']['path']}")
+    sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
 
 
 def _summary(report: dict) -> None:
@@ -148,7 +155,7 @@ def _search_table(result: dict) -> None:
     for column in ("candidate", "size MB", "accuracy", "p50 ms", "p99 ms", "first tok ms", "tok/s", "peak MB", "verdict"):
         table.add_column(column, justify="left" if column == "candidate" else "right")
     for row in result["candidates"]:
-        verdict = "[green]PASS[/]" if row["verdict"] == "PASS" else f"[red]FAIL[/] {','.join(row['failed'])}"
+        verdict = {"PASS": "[green]PASS[/]", "INVALID": "[yellow]INVALID[/] throttled"}.get(row["verdict"], f"[red]FAIL[/] {','.join(row['failed'])}")
         mark = "→ " if row["candidate"] == result["chosen"] else "  "
         table.add_row(
             mark + row["candidate"], f"{row['size_bytes'] / 1e6:.2f}", f"{row['accuracy']:.3f}", f"{row['latency_ms_p50']:.2f}",
@@ -163,13 +170,25 @@ def _search_table(result: dict) -> None:
 
 @main.command()
 def targets():
-    """List the targets (device classes) in targets/."""
+    """List the targets (device classes) in targets/: runtime, arch, default profile.
+
+    \b
+    Example:
+      edgeft targets
+      edgeft build --target rpi5
+    """
     _list("targets")
 
 
 @main.command()
 def profiles():
-    """List the build profiles in profiles/."""
+    """List the build profiles (stages, measure settings, budgets) in profiles/.
+
+    \b
+    Example:
+      edgeft profiles
+      edgeft build --target rpi5 --profile arm-int4
+    """
     _list("profiles")
 
 

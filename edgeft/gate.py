@@ -1,4 +1,6 @@
-"""Budgets -> checks -> verdict. A budget the profile does not set is not checked; a budget whose
+"""Budgets -> checks -> verdict (PASS, FAIL, or INVALID when the device throttled during the run).
+
+A budget the profile does not set is not checked; a budget whose
 measurement is missing (e.g. no thermal sensors) is skipped with the reason, never silently passed."""
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def evaluate(report: dict[str, Any], budgets: Budgets) -> dict[str, Any]:
             check["status"] = "pass" if ok else "fail"
         checks.append(check)
     failed = [c for c in checks if c["status"] == "fail"]
+    throttle = report.get("throttle") or {}
+    if throttle.get("throttled"):
+        # The device ran slower than the one budgeted for: neither a pass nor a fail can be trusted.
+        return {"passed": False, "verdict": "INVALID", "invalid_reasons": throttle.get("reasons", []), "checks": checks}
     return {"passed": not failed, "verdict": "PASS" if not failed else "FAIL", "checks": checks}
 
 

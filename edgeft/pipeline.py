@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ValidationError
 
@@ -47,7 +47,7 @@ def plan(profile: Profile, stages: list[dict[str, dict[str, Any]]] | None = None
         ((name, raw),) = item.items()
         where_item = f"{profile.source}: {where}[{index}]"
         module = stage_module(name, where_item)
-        config_type = next(v for k, v in vars(module).items() if k.endswith("Config") and k != "BaseModel" and isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == module.__name__)
+        config_type = get_type_hints(module.run)["config"]  # each stage's run(model, config: XConfig, ctx)
         try:
             config = config_type.model_validate(raw)
         except ValidationError as exc:

@@ -106,6 +106,9 @@ def search(options: BuildOptions, progress=None, log: Callable[[str], None] = pr
         result["bundle"] = report["bundle"]["path"]
     else:
         failed = [(c.name, check) for c in candidates for check in c.report["gate"]["checks"] if check["status"] == "fail"]
+        if not failed:  # every candidate's measurement was invalid (throttled device)
+            result.update(chosen=None, closest=None, why="no valid measurement: the device throttled during every candidate's run; cool it down and re-run")
+            return _save(prep, result)
         name, check = min(failed, key=lambda item: _miss(item[1]))
         result["chosen"] = None
         result["closest"] = {"candidate": name, "budget": check["budget"], "measured": check["measured"], "limit": check["limit"], "miss": round(_miss(check), 4)}
@@ -113,6 +116,11 @@ def search(options: BuildOptions, progress=None, log: Callable[[str], None] = pr
             f"no candidate meets every budget; closest: {name} missed {check['budget']} by {_miss(check):.1%} "
             f"(measured {check['measured']:g}, budget {'<=' if check['direction'] == 'max' else '>='} {check['limit']:g})"
         )
+    return _save(prep, result)
+
+
+def _save(prep, result: dict[str, Any]) -> dict[str, Any]:
+    """All of it, as JSON beside the bundle (written whole or not at all)."""
     path = prep.out.parent / f"{prep.out.name}.search.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")

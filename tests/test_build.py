@@ -54,9 +54,11 @@ def test_bundle_is_complete_and_verified(demo_build):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
 
 
-def _stage_dir(cache: Path, name: str) -> Path:
-    (path,) = sorted((cache / "artifacts").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)[-1:]
-    return path
+def _stage_dir(cache: Path, name: str, build) -> Path:
+    """The cache dir of the demo build's stage `name`, found by the key its manifest recorded."""
+    stages = json.loads((build["out"] / "manifest.json").read_text())["provenance"]["stages"]
+    (key,) = [s["key"] for s in stages if s["name"] == name]
+    return cache / "artifacts" / f"{name}-{key[:24]}"
 
 
 def test_merged_model_matches_base_plus_adapter(demo_build, cache_dir):
@@ -64,14 +66,14 @@ def test_merged_model_matches_base_plus_adapter(demo_build, cache_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    merged_meta = json.loads((_stage_dir(cache_dir, "merge") / "artifact.json").read_text())
+    merged_meta = json.loads((_stage_dir(cache_dir, "merge", demo_build) / "artifact.json").read_text())
     assert merged_meta["metrics"]["merge_max_abs_diff"] <= 1e-3
-    base_dir = Path(demo_build["report"]["runner"]["bundle"]["target"] and json.loads((demo_build["out"] / "manifest.json").read_text())["provenance"]["base_model"]["path"])
+    base_dir = Path(json.loads((demo_build["out"] / "manifest.json").read_text())["provenance"]["base_model"]["path"])
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
     with torch.no_grad():
-        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), _stage_dir(cache_dir, "finetune") / "adapter")
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), _stage_dir(cache_dir, "finetune", demo_build) / "adapter")
         expected = with_adapter(input_ids=ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(_stage_dir(cache_dir, "merge"))(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(_stage_dir(cache_dir, "merge", demo_build))(input_ids=ids).logits
     assert float((merged - expected).abs().max()) < 1e-3
     assert float((merged - expected).abs().max()) < 0.01 * float(expected.abs().max())
 
@@ -83,13 +85,13 @@ def test_onnx_export_matches_pytorch(demo_build, cache_dir):
     from edgeft import onnx_lm
 
     rows = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 60, 3, 9, 12]]
-    torch_model = AutoModelForCausalLM.from_pretrained(_stage_dir(cache_dir, "merge"))
-    backend = onnx_lm.load(_stage_dir(cache_dir, "export") / "model.onnx")
+    torch_model = AutoModelForCausalLM.from_pretrained(_stage_dir(cache_dir, "merge", demo_build))
+    backend = onnx_lm.load(_stage_dir(cache_dir, "export", demo_build) / "model.onnx")
     for row, got in zip(rows, onnx_lm.teacher_forced_logits(backend, rows)):
         with torch.no_grad():
             expected = torch_model(input_ids=torch.tensor([row])).logits[0].numpy()
         assert np.abs(got - expected).max() < 1e-3
-    assert (_stage_dir(cache_dir, "quantize") / "model.onnx").stat().st_size < 0.4 * (_stage_dir(cache_dir, "export") / "model.onnx").stat().st_size
+    assert (_stage_dir(cache_dir, "quantize", demo_build) / "model.onnx").stat().st_size < 0.4 * (_stage_dir(cache_dir, "export", demo_build) / "model.onnx").stat().st_size
 
 
 def test_second_build_skips_every_stage(demo_build, run_edgeft, tmp_path):
@@ -141,3 +143,17 @@ def test_thermal_zones_reach_the_report_and_the_gate(demo_build, run_edgeft, tmp
     assert check["status"] == "fail" and check["measured"] == pytest.approx(90.5)
     assert "FAIL max_temp_c: measured 90.5 °C, budget <= 85 °C" in result.stderr
     assert (tmp_path / "hot" / "report.json").exists()  # a failed gate still leaves a complete bundle
+
+
+def test_throttled_device_makes_the_run_invalid(demo_build, run_edgeft, tmp_path):
+    zone = tmp_path / "sys" / "class" / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    for name, value in {"type": "cpu-thermal", "temp": "97000", "trip_point_0_type": "passive", "trip_point_0_temp": "95000"}.items():
+        (zone / name).write_text(value + "\n")
+    result = run_edgeft("build", "--target", "rpi5", "--out", tmp_path / "throttled", "--sysfs-root", tmp_path / "sys", "--json")
+    assert result.returncode == 3, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["gate"]["verdict"] == "INVALID" and report["gate"]["passed"] is False
+    assert report["runner"]["throttle"]["throttled"] is True
+    assert any("thermal_zone0" in reason for reason in report["gate"]["invalid_reasons"])
+    assert "INVALID" in result.stderr

@@ -71,3 +71,12 @@ def test_gate_min_budgets_and_unset_budgets():
     assert evaluate(REPORT, Budgets())["checks"] == []
     gate = evaluate(REPORT, Budgets(min_accuracy=0.95, max_accuracy_drop=0.02, peak_rss_mb=299.9))
     assert {c["budget"]: c["status"] for c in gate["checks"]} == {"peak_rss_mb": "fail", "max_accuracy_drop": "pass", "min_accuracy": "fail"}
+
+
+def test_throttled_run_is_invalid_not_pass_or_fail():
+    throttled = {**REPORT, "throttle": {"throttled": True, "reasons": ["thermal_zone1 at 97.0 C >= passive trip 95.0 C"]}}
+    gate = evaluate(throttled, Budgets(latency_ms_p99=100))
+    assert (gate["verdict"], gate["passed"]) == ("INVALID", False)
+    assert gate["invalid_reasons"] == ["thermal_zone1 at 97.0 C >= passive trip 95.0 C"]
+    assert gate["checks"][0]["status"] == "pass"  # the checks are still shown, but not trusted
+    assert evaluate({**REPORT, "throttle": {"throttled": False, "reasons": []}}, Budgets(latency_ms_p99=100))["verdict"] == "PASS"

@@ -29,7 +29,7 @@ from onnx_kv_export import export_kv_onnx, tiny_llama  # noqa: E402
 
 MAX_NEW_TOKENS = 6
 TASK_PROMPTS = [[5, 9, 13, 17], [40, 41, 42], [7, 7, 7, 7, 7, 30], [60, 3, 12]]
-REPORT_KEYS = {"format", "bundle", "device", "runtime", "load_s", "smoke", "latency_ms", "first_token_ms",
+REPORT_KEYS = {"format", "throttle", "jetson", "bundle", "device", "runtime", "load_s", "smoke", "latency_ms", "first_token_ms",
                "first_token_ms_runs", "decode_tokens_per_s", "decode_ms_per_token", "accuracy", "peak_rss_mb",
                "thermal", "wall_s"}
 

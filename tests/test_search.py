@@ -11,6 +11,7 @@ from edgeft.config import PROJECT_ROOT
 CANDIDATES = {
     "fp32": [{"export": {}}],
     "int8-dynamic": [{"export": {}}, {"quantize": {"mode": "int8-dynamic"}}],
+    "int8-static": [{"export": {}}, {"quantize": {"mode": "int8-static", "calibration_samples": 16}}],
     "int4": [{"export": {}}, {"quantize": {"mode": "int4-weight"}}],
 }
 
@@ -40,13 +41,16 @@ def test_search_picks_known_answer_and_caches_measurements(demo_build, run_edgef
     assert json.loads((out / "report.json").read_text())["search"]["chosen"] == loose["chosen"]
     assert json.loads((tmp_path / "loose.search.json").read_text())["chosen"] == loose["chosen"]
     assert rows["int4"]["size_bytes"] < rows["int8-dynamic"]["size_bytes"] < rows["fp32"]["size_bytes"]
+    assert rows["int4"]["size_bytes"] < rows["int8-static"]["size_bytes"] < rows["fp32"]["size_bytes"]
+    # Every quantized candidate stayed within its tolerance (else its stage would have failed) and accurate.
+    assert all(r["accuracy"] >= 0.8 for r in rows.values()), rows
 
     # A size budget only int4 meets: the answer is known whatever the accuracies.
-    limit_mb = (rows["int4"]["size_bytes"] + rows["int8-dynamic"]["size_bytes"]) / 2 / 1e6
+    limit_mb = (rows["int4"]["size_bytes"] + min(rows["int8-dynamic"]["size_bytes"], rows["int8-static"]["size_bytes"])) / 2 / 1e6
     result, tight, _ = _search(run_edgeft, tmp_path, "tight", {"min_accuracy": 0.5, "max_model_mb": limit_mb})
     assert result.returncode == 0, result.stderr[-2000:]
     assert tight["chosen"] == "int4"
-    assert {r["candidate"]: r["verdict"] for r in tight["candidates"]} == {"fp32": "FAIL", "int8-dynamic": "FAIL", "int4": "PASS"}
+    assert {r["candidate"]: r["verdict"] for r in tight["candidates"]} == {"fp32": "FAIL", "int8-dynamic": "FAIL", "int8-static": "FAIL", "int4": "PASS"}
     # Same models, same device, same measure settings: nothing measured twice.
     assert all(r["measurement_cached"] for r in tight["candidates"])
     assert "search: rpi5 on local" in result.stderr and "chosen:" in result.stderr

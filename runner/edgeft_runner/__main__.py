@@ -15,6 +15,8 @@ from .bundle import bundle_path, verify_bundle
 from .measure import (first_token_and_decode, load_task, prompt_ids, smoke_test, summarize_ms, task_accuracy,
                       time_repeated)
 from .telemetry import TelemetrySampler
+from .telemetry.jetson import jetson_clocks_applied, nvpmodel_mode, snapshot_counters, throttle_state
+from .telemetry.tegrastats import TegrastatsSampler
 from .telemetry.system import device_info, peak_rss_mb
 from .telemetry.thermal import default_sysfs_root
 
@@ -62,12 +64,19 @@ def cmd_run(args) -> int:
     started = time.perf_counter()
     bundle_dir = Path(args.bundle)
     sysfs_root = args.sysfs_root or default_sysfs_root()
-    with TelemetrySampler(sysfs_root, args.samples) as telemetry:
+    # Jetson facts (absent elsewhere, with reasons): power mode, clock locks, over-current baseline.
+    oc_before = snapshot_counters(sysfs_root)
+    clocks = jetson_clocks_applied(sysfs_root)
+    power_mode = nvpmodel_mode()
+    with TelemetrySampler(sysfs_root, args.samples) as telemetry, TegrastatsSampler(interval_ms=500) as tegra:
         manifest = verify_bundle(bundle_dir)
         model, measure = manifest["model"], manifest["measure"]
         threads = args.threads or manifest.get("threads") or os.cpu_count() or 1
         if not isinstance(threads, int) or threads < 1:
             raise RunnerError(f"manifest threads must be a positive integer, got {threads!r}")
+        threads_requested = threads
+        if not args.threads:  # the target's count, on a device with fewer cores: oversubscribing only adds noise
+            threads = min(threads, os.cpu_count() or threads)
         prompt_tokens, decode_tokens = int(measure["prompt_tokens"]), int(measure["decode_tokens"])
         max_positions = model.get("max_positions")
         if isinstance(max_positions, int) and prompt_tokens + decode_tokens > max_positions:
@@ -95,6 +104,9 @@ def cmd_run(args) -> int:
         task = load_task(bundle_path(bundle_dir, manifest["task"]["file"]))
         accuracy = task_accuracy(backend, task, model["eos_token_id"])
 
+    thermal = telemetry.thermal_summary()
+    # A throttled run measured a slower device than the one budgeted for: the gate calls it INVALID.
+    throttle = throttle_state(sysfs_root, oc_before, zone_max_c={z["name"]: z["max_c"] for z in thermal["zones"] if z.get("max_c") is not None})
     report = {
         "format": REPORT_FORMAT,
         "runner_version": __version__,
@@ -104,7 +116,7 @@ def cmd_run(args) -> int:
             "model_sha256": manifest["files"][model["file"]],
         },
         "device": device_info(),
-        "runtime": {"name": backend.name, "version": backend.version, "threads": threads,
+        "runtime": {"name": backend.name, "version": backend.version, "threads": threads, "threads_requested": threads_requested,
                     "providers": backend.providers},
         "load_s": round(load_s, 3),
         "smoke": smoke,
@@ -112,7 +124,9 @@ def cmd_run(args) -> int:
         **decode,
         "accuracy": accuracy,
         "peak_rss_mb": peak_rss_mb(),
-        "thermal": telemetry.thermal_summary(),
+        "thermal": thermal,
+        "throttle": throttle,
+        "jetson": {"nvpmodel": power_mode, "jetson_clocks": clocks, "tegrastats": tegra.summary()},
         "wall_s": round(time.perf_counter() - started, 3),
     }
     write_json_atomic(Path(args.report), report)
