@@ -100,9 +100,9 @@ def big_model_quantization(threads: int) -> None:
             results[name] = {"size": path.stat().st_size, "p50": summarize_ms(samples)["p50"], "tok_s": decode["decode_tokens_per_s"]}
     base = results["fp32"]
     print(f"\n[4] random Llama, {params / 1e6:.1f}M params, prefill 64 tokens, decode 32, {threads} thread(s)")
-    print(f"    {"precision":11} {"size MB":>8} {'size x':>7} {'p50 ms':>8} {'p50 x':>6} {'tok/s':>8} {'tok/s x':>8}")
+    print(f"    {'precision':11} {'size MB':>8} {'size x':>7} {'p50 ms':>8} {'p50 x':>6} {'tok/s':>8} {'tok/s x':>8}")
     for name, r in results.items():
-        print(f"    {name:11} {r["size"] / 1e6:8.1f} {r['size'] / base['size']:7.2f} {r['p50']:8.2f} {r['p50'] / base['p50']:6.2f} {r['tok_s']:8.0f} {r['tok_s'] / base['tok_s']:8.2f}")
+        print(f"    {name:11} {r['size'] / 1e6:8.1f} {r['size'] / base['size']:7.2f} {r['p50']:8.2f} {r['p50'] / base['p50']:6.2f} {r['tok_s']:8.0f} {r['tok_s'] / base['tok_s']:8.2f}")
 
 
 def main() -> None:
