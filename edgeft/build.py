@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import pipeline
-from .artifact import Artifact, atomic_dir, cache_root, digest_of
+from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir
 from .bundle import assemble
-from .config import Profile, Target, load_profile, load_target
+from .config import Budgets, Profile, Target, load_profile, load_target
 from .context import BuildContext
 from .data import Splits, load_splits
-from .errors import ConfigError, DeviceError, ModelError
+from .errors import BundleError, ConfigError, DeviceError, ModelError
 from .gate import evaluate
 
 REPORT_FORMAT = "edgeft-report/1"
@@ -158,8 +158,25 @@ def measure_cached(prep: Prepared, final: Artifact, bundle_dir: Path, use_cache:
 
 def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: Path, use_measure_cache: bool = False) -> dict[str, Any]:
     """Assemble the bundle in `bundle_dir`, measure it on the device, gate it; returns the report."""
-    splits, target, profile, base = prep.splits, prep.target, prep.profile, prep.ctx.base
-    metrics = {o.name: o.metrics for o in outcomes}
+    splits, base = prep.splits, prep.ctx.base
+    provenance = {
+        "base_model": {"path": str(base.path), "sha256": base.sha256, "demo": prep.options.model is None},
+        "dataset": {"path": str(splits.source), "sha256": splits.sha256, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "adapter_sha256": next((o.sha256 for o in outcomes if o.name == "finetune"), None),
+        "stages": [{"name": o.name, "key": o.key, "sha256": o.sha256, "metrics": o.metrics} for o in outcomes],
+    }
+    manifest = assemble(bundle_dir, final, splits, prep.target, prep.profile, provenance)
+    device_report, measure_was_cached = measure_cached(prep, final, bundle_dir, use_measure_cache)
+    report = make_report(manifest, bundle_dir, device_report, prep.options.device)
+    report["stages"] = [{"name": o.name, "cached": o.cached, "seconds": o.seconds} for o in outcomes]
+    report["measurement_cached"] = measure_was_cached
+    return report
+
+
+def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[str, Any], device_name: str) -> dict[str, Any]:
+    """The build report from a bundle's manifest and the runner's device report, gated on the
+    budgets the bundle was built with."""
+    metrics = {stage["name"]: stage["metrics"] for stage in manifest["provenance"]["stages"]}
     accuracy = {
         "base": metrics.get("finetune", {}).get("accuracy_base"),
         "finetuned": metrics.get("finetune", {}).get("accuracy"),
@@ -167,25 +184,17 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
         "pruned": metrics.get("prune", {}).get("accuracy"),
         "distilled": metrics.get("distill", {}).get("accuracy"),
         "quantized": metrics.get("quantize", {}).get("accuracy"),
+        "device": device_report["accuracy"]["exact_match"],
     }
-    provenance = {
-        "base_model": {"path": str(base.path), "sha256": base.sha256, "demo": prep.options.model is None},
-        "dataset": {"path": str(splits.source), "sha256": splits.sha256, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "adapter_sha256": next((o.sha256 for o in outcomes if o.name == "finetune"), None),
-        "stages": [{"name": o.name, "key": o.key, "sha256": o.sha256, "metrics": o.metrics} for o in outcomes],
-    }
-    manifest = assemble(bundle_dir, final, splits, target, profile, provenance)
-    model_bytes = sum(p.stat().st_size for p in bundle_dir.glob("model.onnx*"))
-    device_report, measure_was_cached = measure_cached(prep, final, bundle_dir, use_measure_cache)
-    accuracy["device"] = device_report["accuracy"]["exact_match"]
     reference = accuracy["merged"] if accuracy["merged"] is not None else accuracy["finetuned"]
     accuracy["drop"] = round(reference - accuracy["device"], 4) if reference is not None else None
+    model_bytes = sum(p.stat().st_size for p in bundle_dir.glob("model.onnx*"))
     report = {
         "format": REPORT_FORMAT,
-        "target": target.name,
-        "profile": profile.name,
-        "device": {**device_report["device"], "name": prep.options.device},
-        "arch_matches_target": device_report["device"]["arch"] == target.arch,
+        "target": manifest["target"],
+        "profile": manifest["profile"]["name"],
+        "device": {**device_report["device"], "name": device_name},
+        "arch_matches_target": device_report["device"]["arch"] == manifest["arch"],
         "runtime": device_report["runtime"],
         "latency_ms": device_report["latency_ms"],
         "first_token_ms": device_report["first_token_ms"],
@@ -196,12 +205,33 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
         "accuracy": accuracy,
         "smoke": device_report["smoke"],
         "model": {**manifest["model"], "size_bytes": model_bytes, "size_mb": round(model_bytes / 1e6, 3)},
-        "stages": [{"name": o.name, "cached": o.cached, "seconds": o.seconds} for o in outcomes],
-        "measurement_cached": measure_was_cached,
         "runner": device_report,
     }
-    report["gate"] = evaluate(report, profile.budgets)
+    report["gate"] = evaluate(report, Budgets.model_validate(manifest["profile"]["budgets"]))
     return report
+
+
+def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`edgeft measure`: re-measure a finished bundle on a device (e.g. a lab board in CI) and gate it."""
+    from . import quiet_libraries
+
+    quiet_libraries()
+    bundle_dir = Path(bundle_dir)
+    try:
+        manifest = json.loads((bundle_dir / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{bundle_dir}: not an edgeft bundle (manifest.json unreadable: {exc}); pass a dir written by `edgeft build`") from None
+    actual = hash_dir(bundle_dir, skip=("manifest.json", "report.json"))
+    changed = sorted(name for name in files if actual.get(name) != files[name])
+    if changed:
+        raise BundleError(f"{bundle_dir}: {len(changed)} file(s) differ from the manifest ({', '.join(changed[:3])}); the bundle was modified: rebuild it")
+    if options.device != "local":
+        from .device import open_transport
+
+        transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
+        transport.close()
+    return make_report(manifest, bundle_dir, measure_on_device(bundle_dir, options, log), options.device)
 
 
 def write_bundle(prep: Prepared, final: Artifact, outcomes, use_measure_cache: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -65,6 +65,7 @@ def assemble(
     manifest = {
         "format": FORMAT,
         "target": target.name,
+        "arch": target.arch,
         "runtime": target.runtime,
         "threads": target.threads,
         "model": {

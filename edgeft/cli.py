@@ -148,6 +148,46 @@ def _summary(report: dict) -> None:
     console.print(f"  exact match: {chain}")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", "-d", default="local", show_default=True, help="'local' (this machine) or a device name from the lab file.")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report JSON here.")
+@click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No status lines.")
+def measure(bundle, device, lab, trust_new_host_key, report_path, sysfs_root, as_json, quiet):
+    """Measure a finished bundle on a device and gate it on the budgets it was built with.
+
+    The bundle's files are checked against its manifest first; nothing is rebuilt. For CI on lab
+    devices: build once, measure on every board. Exit status as for `build`.
+
+    \b
+    Examples:
+      edgeft measure build/rpi5 --device rpi5-lab-1
+      edgeft measure build/rpi5 -d rpi5-lab-2 --report hil-rpi5-lab-2.json
+    """
+    from .build import BuildOptions, measure_bundle
+    from .gate import describe
+
+    log = (lambda message: None) if quiet else (lambda message: console.print(f"[dim]•[/] {message}"))
+    options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root)
+    report = measure_bundle(bundle, options, log)
+    if report_path:
+        tmp = report_path.with_name(f".{report_path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(report_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    if not quiet:
+        _summary(report)
+        for check in report["gate"]["checks"]:
+            console.print(f"  {describe(check)}")
+        console.print(f"[bold]{report['gate']['verdict']}[/]  {bundle} on {device}")
+    sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
+
+
 def _search_table(result: dict) -> None:
     from rich.table import Table
 

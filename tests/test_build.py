@@ -157,3 +157,20 @@ def test_throttled_device_makes_the_run_invalid(demo_build, run_edgeft, tmp_path
     assert report["runner"]["throttle"]["throttled"] is True
     assert any("thermal_zone0" in reason for reason in report["gate"]["invalid_reasons"])
     assert "INVALID" in result.stderr
+
+
+def test_measure_an_existing_bundle_over_ssh_and_refuse_a_tampered_one(demo_build, run_edgeft, sshd, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_build["out"], bundle)
+    result = run_edgeft("measure", bundle, "--device", sshd.device_name, "--lab", sshd.lab_path, "--report", tmp_path / "hil.json", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report == json.loads((tmp_path / "hil.json").read_text())
+    assert report["device"]["name"] == sshd.device_name and report["gate"]["passed"] is True
+    assert report["accuracy"]["device"] == pytest.approx(demo_build["report"]["accuracy"]["device"])
+    assert report["accuracy"]["merged"] == demo_build["report"]["accuracy"]["merged"]  # from the manifest
+    with open(bundle / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    result = run_edgeft("measure", bundle)
+    assert result.returncode == 2 and "model.onnx" in result.stderr and "modified" in result.stderr
+    assert "Traceback" not in result.stderr
