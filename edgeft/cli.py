@@ -95,9 +95,8 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
     """
     from .build import BuildOptions
     from .build import build as run_build
-    from .gate import describe
 
-    log = (lambda message: None) if quiet else (lambda message: console.print(f"[dim]•[/] {message}"))
+    log = _logger(quiet)
     options = BuildOptions(
         target=target, profile=profile, model=model, data=data, device=device, lab=lab, out=out,
         trust_new_host_key=trust_new_host_key, force=force, sysfs_root=sysfs_root, threads=threads,
@@ -117,14 +116,26 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
     if as_json:
         click.echo(json.dumps(report, indent=2))
     if not quiet:
-        _summary(report)
-        for check in report["gate"]["checks"]:
-            console.print(("  " if check["status"] != "fail" else "  [red]") + describe(check) + ("[/]" if check["status"] == "fail" else ""))
-        for reason in report["gate"].get("invalid_reasons", []):
-            console.print(f"  [yellow]throttled:[/] {reason}")
-        colour = {"PASS": "green", "FAIL": "red", "INVALID": "yellow"}[report["gate"]["verdict"]]
-        console.print(f"[bold {colour}]{report['gate']['verdict']}[/]  bundle: {report['bundle']['path']}")
+        _print_report(report, f"bundle: {report['bundle']['path']}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
+
+
+def _print_report(report: dict, where: str) -> None:
+    """The human view of a report: summary, one line per budget check, throttling, verdict."""
+    from .gate import describe
+
+    _summary(report)
+    for check in report["gate"]["checks"]:
+        failed = check["status"] == "fail"
+        console.print(("  [red]" if failed else "  ") + describe(check) + ("[/]" if failed else ""))
+    for reason in report["gate"].get("invalid_reasons", []):
+        console.print(f"  [yellow]throttled:[/] {reason}")
+    colour = {"PASS": "green", "FAIL": "red", "INVALID": "yellow"}[report["gate"]["verdict"]]
+    console.print(f"[bold {colour}]{report['gate']['verdict']}[/]  {where}")
+
+
+def _logger(quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: console.print(f"[dim]•[/] {message}"))
 
 
 def _summary(report: dict) -> None:
@@ -169,9 +180,8 @@ def measure(bundle, device, lab, trust_new_host_key, report_path, sysfs_root, as
       edgeft measure build/rpi5 -d rpi5-lab-2 --report hil-rpi5-lab-2.json
     """
     from .build import BuildOptions, measure_bundle
-    from .gate import describe
 
-    log = (lambda message: None) if quiet else (lambda message: console.print(f"[dim]•[/] {message}"))
+    log = _logger(quiet)
     options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root)
     report = measure_bundle(bundle, options, log)
     if report_path:
@@ -181,10 +191,7 @@ def measure(bundle, device, lab, trust_new_host_key, report_path, sysfs_root, as
     if as_json:
         click.echo(json.dumps(report, indent=2))
     if not quiet:
-        _summary(report)
-        for check in report["gate"]["checks"]:
-            console.print(f"  {describe(check)}")
-        console.print(f"[bold]{report['gate']['verdict']}[/]  {bundle} on {device}")
+        _print_report(report, f"{bundle} on {device}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
 
 
