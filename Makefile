@@ -11,7 +11,8 @@ $(BIN)/edgeft: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	# Name the installed torch so no dependency (litert-torch included) can swap it for another build.
+	$(BIN)/pip install -q -e ".[dev,tflite]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"
 	touch $(BIN)/edgeft
 
 install: $(BIN)/edgeft

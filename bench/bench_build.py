@@ -73,7 +73,7 @@ def big_model_quantization(threads: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgeft import onnx_lm
+    from edgeft import lm
     from edgeft.stages.export import export_onnx
     from edgeft.stages.quantize import QuantizeConfig, quantize
     from edgeft_runner.measure import first_token_and_decode, prompt_ids, summarize_ms, time_repeated
@@ -94,7 +94,7 @@ def big_model_quantization(threads: int) -> None:
         results = {}
         prompt = prompt_ids(64, config.vocab_size)
         for name, path in paths.items():
-            backend = onnx_lm.load(path, threads=threads)
+            backend = lm.load(path, threads=threads)
             _, samples = time_repeated(lambda: backend.forward(prompt, backend.empty_past()), 0.5, 2.0, 30)
             decode = first_token_and_decode(backend, prompt, 32, 5)
             results[name] = {"size": path.stat().st_size, "p50": summarize_ms(samples)["p50"], "tok_s": decode["decode_tokens_per_s"]}

@@ -15,12 +15,14 @@ from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir
 from .bundle import assemble
 from .config import Budgets, Profile, Target, load_profile, load_target
 from .context import BuildContext
-from .data import Splits, load_splits
+from .data import Splits, check_data, load_splits
 from .errors import BundleError, ConfigError, DeviceError, ModelError
 from .gate import evaluate
 
 REPORT_FORMAT = "edgeft-report/1"
-IMPLEMENTED_RUNTIMES = ("onnxruntime",)
+# The exported model each runtime loads, and the precisions it can run.
+RUNTIME_FORMAT = {"onnxruntime": "onnx", "tensorrt": "onnx", "tflite": "tflite"}
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8-static")
 
 
 @dataclass
@@ -36,14 +38,33 @@ class BuildOptions:
     force: bool = False
     sysfs_root: str | None = None  # the device's sysfs (tests point this at a fixture tree)
     threads: int = 2
+    measure: bool = True  # False: write the bundle only (`edgeft measure` gates it later, on the device)
 
 
-def check_runtime(target: Target) -> None:
-    if target.runtime not in IMPLEMENTED_RUNTIMES:
-        raise ConfigError(
-            f"{target.source}: runtime {target.runtime!r} of target {target.name!r} is not implemented yet "
-            f"(implemented: {', '.join(IMPLEMENTED_RUNTIMES)}); use a target such as rpi5"
-        )
+def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str) -> None:
+    """Before anything trains: the stages must end in the format and precision the runtime takes."""
+    exports = [s.config for s in planned if s.name == "export"]
+    quantizes = [s.config for s in planned if s.name == "quantize"]
+    fmt = exports[-1].format if exports else None
+    wanted = RUNTIME_FORMAT[target.runtime]
+    if fmt is not None and fmt != wanted:
+        raise ConfigError(f"{where}: target {target.name} runs {target.runtime}, which needs a {wanted} model, "
+                          f"but export writes {fmt}; set export format: {wanted} or pick another profile")
+    if target.runtime == "tensorrt" and quantizes and quantizes[-1].mode not in TENSORRT_PRECISIONS:
+        raise ConfigError(f"{where}: TensorRT cannot run quantize mode {quantizes[-1].mode} (ONNX Runtime's own ops); "
+                          f"use one of {', '.join(TENSORRT_PRECISIONS)}")
+
+
+def check_model_for_runtime(final: Artifact, target: Target, where: str) -> None:
+    """The compiled model must be what the target's runtime loads, in a precision it runs."""
+    wanted = RUNTIME_FORMAT[target.runtime]
+    if final.kind != wanted:
+        ending = "export {format: tflite} (and quantize)" if wanted == "tflite" else "export (and quantize)"
+        raise ConfigError(f"{where}: target {target.name} runs {target.runtime}, which needs a {wanted} model, "
+                          f"but the stages end with a {final.kind} model; end the stages with {ending}")
+    if target.runtime == "tensorrt" and final.info.get("precision") not in TENSORRT_PRECISIONS:
+        raise ConfigError(f"{where}: TensorRT cannot run a {final.info.get('precision')} ONNX (ONNX Runtime's own "
+                          "int8/int4 ops); quantize with mode fp16 or int8-static (Q/DQ) for Jetson")
 
 
 def resolve_model(model: Path | None, progress, log: Callable[[str], None]) -> Path:
@@ -61,8 +82,10 @@ def resolve_model(model: Path | None, progress, log: Callable[[str], None]) -> P
     return model
 
 
-def measure_on_device(bundle_dir: Path, options: BuildOptions, log: Callable[[str], None]) -> dict[str, Any]:
-    """Ship the runner and the bundle, run the runner there, fetch its report."""
+def measure_on_device(bundle_dir: Path, options: BuildOptions, log: Callable[[str], None],
+                      samples_to: Path | None = None) -> dict[str, Any]:
+    """Ship the runner and the bundle, run the runner there, fetch its report (and, to samples_to, the
+    telemetry samples as JSON lines)."""
     from .device import open_transport, push_verified
     from .runner_app import build_runner_zipapp
 
@@ -70,11 +93,13 @@ def measure_on_device(bundle_dir: Path, options: BuildOptions, log: Callable[[st
     with transport, tempfile.TemporaryDirectory(prefix="edgeft-runner-") as tmp:
         runner = Path(tmp) / "edgeft-runner.pyz"
         build_runner_zipapp(runner)
-        run_dir = f"runs/{json.loads((bundle_dir / 'manifest.json').read_text())['files']['model.onnx'][:16]}"
+        manifest = json.loads((bundle_dir / "manifest.json").read_text())
+        run_dir = f"runs/{manifest['files'][manifest['model']['file']][:16]}"
         log(f"device {transport.name}: pushing runner and bundle")
         push_verified(transport, runner, f"{run_dir}/edgeft-runner.pyz")
         push_verified(transport, bundle_dir, f"{run_dir}/bundle")
-        argv = [transport.python, f"{run_dir}/edgeft-runner.pyz", "run", "--bundle", f"{run_dir}/bundle", "--report", f"{run_dir}/report.json"]
+        argv = [transport.python, f"{run_dir}/edgeft-runner.pyz", "run", "--bundle", f"{run_dir}/bundle",
+                "--report", f"{run_dir}/report.json", "--samples", f"{run_dir}/telemetry.jsonl"]
         if options.sysfs_root:
             argv += ["--sysfs-root", options.sysfs_root]
         log(f"device {transport.name}: measuring")
@@ -85,6 +110,8 @@ def measure_on_device(bundle_dir: Path, options: BuildOptions, log: Callable[[st
         local = Path(tmp) / "report.json"
         transport.get_file(f"{run_dir}/report.json", local)
         report = json.loads(local.read_text())
+        if samples_to is not None:
+            transport.get_file(f"{run_dir}/telemetry.jsonl", samples_to)
         transport.remove(run_dir)
     return report
 
@@ -112,10 +139,13 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
     started = time.perf_counter()
     torch.set_num_threads(options.threads)
     target = load_target(options.target)
-    check_runtime(target)
     profile = load_profile(options.profile or target.default_profile)
-    pipeline.plan(profile)
-    splits = load_splits(options.data)
+    check_plan(pipeline.plan(profile), target, str(profile.source))
+    splits = load_splits(options.data, profile.data)
+    data_report = check_data(splits, profile.data)  # raises ConfigError when data.sensitive: fail finds something
+    log(data_report.summary())
+    for warning in data_report.warnings:
+        log(f"data warning: {warning}")
     if options.device != "local":  # an unreachable device or unknown host key fails now, not after training
         from .device import open_transport
 
@@ -129,8 +159,7 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
 
 def compile_model(prep: Prepared, stages: list[pipeline.PlannedStage], where: str) -> tuple[Artifact, list[pipeline.StageOutcome]]:
     final, outcomes = pipeline.run(stages, prep.ctx, force=prep.options.force)
-    if final.kind != "onnx":
-        raise ConfigError(f"{where}: the last stage must produce an ONNX model for {prep.target.runtime}; end the stages with export (and quantize)")
+    check_model_for_runtime(final, prep.target, where)
     return final, outcomes
 
 
@@ -148,7 +177,7 @@ def measure_cached(prep: Prepared, final: Artifact, bundle_dir: Path, use_cache:
     path = cache_root() / "measurements" / f"{measurement_key(prep, final)[:32]}.json"
     if use_cache and path.exists():
         return json.loads(path.read_text()), True
-    report = measure_on_device(bundle_dir, prep.options, prep.ctx.log)
+    report = measure_on_device(bundle_dir, prep.options, prep.ctx.log, samples_to=bundle_dir / "telemetry.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report))
@@ -163,14 +192,45 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
         "base_model": {"path": str(base.path), "sha256": base.sha256, "demo": prep.options.model is None},
         "dataset": {"path": str(splits.source), "sha256": splits.sha256, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "adapter_sha256": next((o.sha256 for o in outcomes if o.name == "finetune"), None),
+        "adapter": next((o.info.get("adapter", "default") for o in outcomes if o.name == "finetune"), None),
         "stages": [{"name": o.name, "key": o.key, "sha256": o.sha256, "metrics": o.metrics} for o in outcomes],
     }
     manifest = assemble(bundle_dir, final, splits, prep.target, prep.profile, provenance)
+    if not prep.options.measure:
+        model_bytes = sum(p.stat().st_size for p in bundle_dir.glob(f"{manifest['model']['file']}*"))
+        return {"format": REPORT_FORMAT, "target": manifest["target"], "profile": manifest["profile"]["name"], "measured": False,
+                "model": {**manifest["model"], "size_bytes": model_bytes, "size_mb": round(model_bytes / 1e6, 3)},
+                "stages": [{"name": o.name, "cached": o.cached, "seconds": o.seconds, "metrics": o.metrics} for o in outcomes]}
     device_report, measure_was_cached = measure_cached(prep, final, bundle_dir, use_measure_cache)
     report = make_report(manifest, bundle_dir, device_report, prep.options.device)
     report["stages"] = [{"name": o.name, "cached": o.cached, "seconds": o.seconds} for o in outcomes]
     report["measurement_cached"] = measure_was_cached
     return report
+
+
+def eval_metrics(stages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{"base": ..., stage name: ...}: the `eval` metrics (edgeft.evaluate.stage_eval) each stage reported,
+    in stage order; the base model's come from finetune's `eval_base`."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        metrics = stage.get("metrics") or {}
+        if stage["name"] == "finetune" and metrics.get("eval_base"):
+            out["base"] = metrics["eval_base"]
+        if metrics.get("eval"):
+            out[stage["name"]] = metrics["eval"]
+    return out
+
+
+def forgetting(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """General-text perplexity of the base, the fine-tuned and the final model (the last stage that
+    reported it), and the final's relative increase over the base: what max_general_ppl_increase gates."""
+    ppl = {name: values.get("general_perplexity") for name, values in evals.items()}
+    reported = [name for name, value in ppl.items() if name != "base" and value is not None]
+    final = reported[-1] if reported else None
+    base = ppl.get("base")
+    increase = round(ppl[final] / base - 1, 4) if final and base else None
+    return {"base_ppl": base, "finetuned_ppl": ppl.get("finetune"), "final_ppl": ppl.get(final) if final else None,
+            "final_stage": final, "general_ppl_increase": increase}
 
 
 def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[str, Any], device_name: str) -> dict[str, Any]:
@@ -188,7 +248,7 @@ def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[
     }
     reference = accuracy["merged"] if accuracy["merged"] is not None else accuracy["finetuned"]
     accuracy["drop"] = round(reference - accuracy["device"], 4) if reference is not None else None
-    model_bytes = sum(p.stat().st_size for p in bundle_dir.glob("model.onnx*"))
+    model_bytes = sum(p.stat().st_size for p in bundle_dir.glob(f"{manifest['model']['file']}*"))
     report = {
         "format": REPORT_FORMAT,
         "target": manifest["target"],
@@ -201,17 +261,21 @@ def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[
         "decode_tokens_per_s": device_report["decode_tokens_per_s"],
         "peak_rss_mb": device_report["peak_rss_mb"],
         "thermal": device_report["thermal"],
+        "telemetry": device_report.get("telemetry"),
         "throttle": device_report.get("throttle"),
         "accuracy": accuracy,
+        "metrics": eval_metrics(manifest["provenance"]["stages"]),  # per stage: profile eval.metrics + general_perplexity
         "smoke": device_report["smoke"],
         "model": {**manifest["model"], "size_bytes": model_bytes, "size_mb": round(model_bytes / 1e6, 3)},
         "runner": device_report,
     }
+    report["forgetting"] = forgetting(report["metrics"])
     report["gate"] = evaluate(report, Budgets.model_validate(manifest["profile"]["budgets"]))
     return report
 
 
-def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str], None] = print,
+                   samples_to: Path | None = None) -> dict[str, Any]:
     """`edgeft measure`: re-measure a finished bundle on a device (e.g. a lab board in CI) and gate it."""
     from . import quiet_libraries
 
@@ -231,7 +295,7 @@ def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str],
 
         transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
         transport.close()
-    return make_report(manifest, bundle_dir, measure_on_device(bundle_dir, options, log), options.device)
+    return make_report(manifest, bundle_dir, measure_on_device(bundle_dir, options, log, samples_to), options.device)
 
 
 def write_bundle(prep: Prepared, final: Artifact, outcomes, use_measure_cache: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:

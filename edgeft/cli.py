@@ -12,6 +12,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EdgeftError
+from edgeft_runner import RunnerError
 
 # 3: the device throttled during the run, so the measurement says nothing about the budgets.
 EXIT_BY_VERDICT = {"PASS": 0, "FAIL": 1, "INVALID": 3}
@@ -37,11 +38,11 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except EdgeftError as exc:
+        except (EdgeftError, RunnerError) as exc:  # RunnerError: the runner's code, run on the host for checks
             if ctx.meta.get("debug"):
                 raise
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-            sys.exit(exc.exit_code)
+            sys.exit(getattr(exc, "exit_code", 2))
         except KeyboardInterrupt:
             console.print("interrupted; nothing half-written was kept")
             sys.exit(130)
@@ -69,7 +70,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--target", "-t", required=True, help="Target name (see `edgeft targets`) or path to a target YAML.")
 @click.option("--profile", "-p", help="Profile name or YAML path. Default: the target's default_profile.")
 @click.option("--model", type=click.Path(path_type=Path), help="Local Hugging Face causal-LM dir. Default: the built-in demo model.")
-@click.option("--data", type=click.Path(path_type=Path), help='JSONL of {"prompt", "completion"} lines. Default: the demo task.')
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset: JSONL/JSON/CSV/Parquet file or saved `datasets` dir, prompt/completion, Alpaca or chat (see `edgeft data check`). Default: the demo task.")
 @click.option("--device", "-d", default="local", show_default=True, help="'local' (this machine) or a device name from the lab file.")
 @click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Bundle directory. Default: build/<target>.")
@@ -78,9 +79,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--threads", default=2, show_default=True, help="Host CPU threads for training and export.")
 @click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
 @click.option("--search", "do_search", is_flag=True, help="Build and measure every candidate (the profile's search: section, or fp32/int8/int4/pruned), keep the most accurate one within budget.")
+@click.option("--no-measure", is_flag=True, help="Write the bundle without measuring it (e.g. a Jetson bundle built on a host without TensorRT); measure it later with `edgeft measure`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
-def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, do_search, as_json, quiet):
+def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, do_search, no_measure, as_json, quiet):
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
@@ -92,6 +94,7 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
       edgeft build -t rpi5 --model ./my-llama --data train.jsonl --device rpi5-lab-1
       edgeft build -t rpi5 -p arm-int4 --json > report.json
       edgeft build -t rpi5 --search --device rpi5-lab-1   # most accurate candidate within budget
+      edgeft build -t jetson-orin --no-measure && edgeft measure build/jetson-orin -d orin-lab-1
     """
     from .build import BuildOptions
     from .build import build as run_build
@@ -100,7 +103,10 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
     options = BuildOptions(
         target=target, profile=profile, model=model, data=data, device=device, lab=lab, out=out,
         trust_new_host_key=trust_new_host_key, force=force, sysfs_root=sysfs_root, threads=threads,
+        measure=not no_measure,
     )
+    if do_search and no_measure:
+        raise click.UsageError("--search measures every candidate; it cannot be combined with --no-measure")
     if do_search:
         from .search import search
 
@@ -115,6 +121,12 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
         report = run_build(options, progress=progress, log=log)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+    if no_measure:
+        if not quiet:
+            console.print(f"[bold]{report['target']}[/] bundle written, not measured: {report['bundle']['path']} "
+                          f"({report['model']['precision']}, {report['model']['size_mb']} MB)\n"
+                          f"  measure and gate it on the device: edgeft measure {report['bundle']['path']} --device NAME")
+        sys.exit(0)
     if not quiet:
         _print_report(report, f"bundle: {report['bundle']['path']}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
@@ -164,7 +176,7 @@ def _summary(report: dict) -> None:
 @click.option("--device", "-d", default="local", show_default=True, help="'local' (this machine) or a device name from the lab file.")
 @click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report JSON here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report JSON here, and the telemetry samples (JSON lines) beside it as <name>.telemetry.jsonl.")
 @click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
@@ -183,7 +195,8 @@ def measure(bundle, device, lab, trust_new_host_key, report_path, sysfs_root, as
 
     log = _logger(quiet)
     options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root)
-    report = measure_bundle(bundle, options, log)
+    samples = report_path.with_name(f"{report_path.stem}.telemetry.jsonl") if report_path else None
+    report = measure_bundle(bundle, options, log, samples)
     if report_path:
         tmp = report_path.with_name(f".{report_path.name}.tmp")
         tmp.write_text(json.dumps(report, indent=2))
@@ -213,6 +226,116 @@ def _search_table(result: dict) -> None:
     if result.get("bundle"):
         console.print(f"bundle: {result['bundle']}")
     console.print(f"all results: {result['search_json']}")
+
+
+@main.group("data")
+def data_group():
+    """Inspect a dataset before building with it."""
+
+
+@data_group.command("check")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), help="JSONL/JSON/CSV/TSV/Parquet file or saved `datasets` dir. Default: the demo task.")
+@click.option("--profile", "-p", help="Profile name or YAML path whose data: section applies. Default: the data: defaults.")
+@click.option("--model", type=click.Path(path_type=Path), help="Count tokens with this model dir's tokenizer. Default: the demo tokenizer if built, else whitespace words.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+def data_check(data_path, profile, model, as_json):
+    """Check a dataset: format, splits, duplicates, lengths, train/test leakage, sensitive data.
+
+    Uses the same loading and splitting as `edgeft build`. Exit status: 0 clean or only warnings,
+    2 bad input, or likely sensitive data when the profile says `data: {sensitive: fail}`.
+
+    \b
+    Examples:
+      edgeft data check --data train.jsonl
+      edgeft data check --data chats.parquet -p my-profile --model ./my-llama
+      edgeft data check --data train.csv --json > data-report.json
+    """
+    from .data import DataConfig, check_data, load_splits
+
+    config = DataConfig()
+    if profile:
+        from .config import load_profile
+
+        config = load_profile(profile).data
+    splits = load_splits(data_path, config)
+    tokenizer, measured_with, fallback_note = _data_tokenizer(model, splits)
+    report = check_data(splits, config, tokenizer=tokenizer, length_unit=measured_with, enforce=False)
+    if fallback_note:
+        report.warnings.append(fallback_note)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _data_table(report)
+    report.enforce()
+
+
+def _data_tokenizer(model: Path | None, splits):
+    """(tokenizer or None, what measured the lengths, a note when the demo tokenizer could not be used)."""
+    from . import quiet_libraries
+    from .stages.finetune import load_tokenizer
+
+    if model is not None:
+        if not Path(model).is_dir():
+            from .errors import ModelError
+
+            raise ModelError(f"{model}: model directory not found; pass a local Hugging Face model dir with tokenizer files")
+        quiet_libraries()
+        return load_tokenizer(model), f"tokenizer of {model}", None
+    from .demo.base import demo_base_dir, is_built
+
+    if not is_built():
+        return None, "whitespace words (no --model, demo model not built)", None
+    quiet_libraries()
+    tokenizer = load_tokenizer(demo_base_dir())
+    if splits.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        note = "the demo model's tokenizer has no chat template, so building this chat dataset with it would fail; pass --model"
+        return None, "whitespace words (the demo tokenizer has no chat template)", note
+    return tokenizer, "demo model tokenizer", None
+
+
+def _data_table(report) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    d = report.to_dict()
+    table = Table(title=f"data check: {escape(d['source'])}", title_justify="left", show_header=False)
+    table.add_column("check")
+    table.add_column("result")
+    c = d["counts"]
+    table.add_row("format", d["format"] + (f" (validation: {escape(d['validation_source'])})" if d["validation_source"] else ""))
+    table.add_row("examples", f"{c['total']}: {c['train']} train / {c['val']} val / {c['test']} test")
+    table.add_row("duplicates removed", str(d["duplicates_removed"]))
+    if d["lengths"]:
+        n = d["lengths"]
+        table.add_row(f"length ({n['unit']})", f"min {n['min']} / p50 {n['p50']} / p90 {n['p90']} / p99 {n['p99']} / max {n['max']}  [dim]({escape(n['measured_with'])})[/]")
+    if d["max_length"] is not None:
+        t = d["truncated"]
+        table.add_row(f"over max_length {d['max_length']}", "needs a tokenizer (--model)" if t is None else f"{t['train']} train / {t['val']} val / {t['test']} test truncated")
+    for name in ("test", "val"):
+        leak = d["leakage"][name]
+        found = leak["exact"] or leak["near"]
+        text = f"{leak['exact']} identical, {leak['near']} near-identical prompts"
+        if found:
+            first = leak["examples"][0]
+            text = f"[yellow]{text}[/] (e.g. {escape(first['example'])} ~ {escape(first['train'])})"
+        table.add_row(f"{name} prompts in train", text)
+    s = d["sensitive"]
+    if s["mode"] == "off":
+        table.add_row("sensitive data", "not scanned (sensitive: off)")
+    else:
+        colour = "red" if s["mode"] == "fail" and s["count"] else "yellow" if s["count"] else "green"
+        kinds = ", ".join(f"{kind} {n}" for kind, n in s["by_kind"].items())
+        table.add_row("sensitive data", f"[{colour}]{s['count']} found[/]" + (f" ({kinds})" if kinds else "") + f"  [dim](sensitive: {s['mode']})[/]")
+    console.print(table)
+    shown = 20
+    for finding in s["findings"][:shown]:
+        console.print(f"  {finding['where']}: {finding['kind']} {finding['masked']}", soft_wrap=True, markup=False)
+    if s["count"] > shown:
+        console.print(f"  ... and {s['count'] - shown} more (--json lists up to {len(s['findings'])})")
+    for warning in d["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if not d["warnings"]:
+        console.print("[green]clean[/]")
 
 
 @main.command()

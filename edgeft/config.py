@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from .data import DataConfig
 from .errors import ConfigError
 
 # Where targets/, profiles/ and hil/ live: the checkout this package was installed from, unless
@@ -32,6 +33,17 @@ class TelemetryConfig(Strict):
     tegrastats: bool = False
 
 
+class TensorRTShapes(Strict):
+    """The engine's optimization profile (tokens per call and cache length), built on the device."""
+
+    min_tokens: int = Field(1, ge=1)
+    opt_tokens: int = Field(64, ge=1)  # what TensorRT tunes its kernels for: the usual prompt length
+    max_tokens: int = Field(256, ge=1)
+    max_context: int = Field(512, ge=2)  # prompt + generated tokens held in the KV cache
+    static: bool = False  # one fixed shape (opt): fastest engine, only that prompt length runs
+    workspace_mb: int = Field(1024, ge=64)
+
+
 class Target(Strict):
     name: str
     description: str = ""
@@ -40,6 +52,7 @@ class Target(Strict):
     threads: int = Field(1, ge=1, le=256)
     default_profile: str
     telemetry: TelemetryConfig = TelemetryConfig()
+    tensorrt: TensorRTShapes = TensorRTShapes()  # runtime tensorrt only: the engine's shapes
     source: Path | None = Field(None, exclude=True)
 
 
@@ -64,6 +77,32 @@ class Budgets(Strict):
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     min_accuracy: float | None = Field(None, ge=0, le=1)
     max_temp_c: float | None = Field(None, gt=0)
+    # forgetting: general-text perplexity of the final model vs the base, relative (0.2 = at most +20%)
+    max_general_ppl_increase: float | None = Field(None, ge=0)
+
+
+class EvalConfig(Strict):
+    """A profile's `eval:` section: what every model-producing stage reports (edgeft.evaluate)."""
+
+    metrics: list[str] = ["exact_match", "perplexity"]  # of edgeft.metrics.METRICS; exact_match is always measured
+    general_text: Path | None = None  # plain text, one document a line, for the forgetting check; None: the shipped one
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: list[str]) -> list[str]:
+        from .metrics import METRICS
+
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+        return list(dict.fromkeys(metrics))
+
+    @field_validator("general_text")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path}: file not found (a plain text file, one document a line; null: the shipped general text)")
+        return path
 
 
 def _stage_list(value: Any) -> Any:
@@ -96,6 +135,8 @@ class Profile(Strict):
     measure: MeasureConfig = MeasureConfig()
     budgets: Budgets = Budgets()
     search: SearchConfig | None = None
+    data: DataConfig = DataConfig()  # dataset format, columns, splits, dedupe, max_length, sensitive, loss_on (edgeft.data)
+    eval: EvalConfig = EvalConfig()  # metrics every stage reports, and the general text of the forgetting check
     source: Path | None = Field(None, exclude=True)
 
 

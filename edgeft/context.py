@@ -21,3 +21,5 @@ class BuildContext:
     progress: Any = None  # a rich Progress, or None when quiet
     log: Any = print  # one-line status messages
     threads: int = 2  # host threads for torch
+    stage_key: str = ""  # the running stage's cache key (finetune keeps its resumable checkpoints under it)
+    force: bool = False  # --force: re-run from scratch (no resuming from checkpoints either)

@@ -19,6 +19,7 @@ CHECKS = {
     "max_accuracy_drop": ("accuracy.drop", "max", ""),
     "min_accuracy": ("accuracy.device", "min", ""),
     "max_temp_c": ("thermal.max_c", "max", "°C"),
+    "max_general_ppl_increase": ("forgetting.general_ppl_increase", "max", ""),  # measured on the host, per stage
 }
 
 

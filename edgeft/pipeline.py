@@ -38,6 +38,7 @@ class StageOutcome:
     cached: bool
     seconds: float
     metrics: dict[str, Any]
+    info: dict[str, Any]
 
 
 def plan(profile: Profile, stages: list[dict[str, dict[str, Any]]] | None = None, where: str = "stages") -> list[PlannedStage]:
@@ -63,7 +64,8 @@ def base_artifact(model_dir: Path) -> Artifact:
     return Artifact(path=model_dir, kind="hf-model", stage="base", key=digest_of(files), files=files)
 
 
-def stage_key(stage: PlannedStage, source: Artifact, data_sha256: str) -> str:
+def stage_key(stage: PlannedStage, source: Artifact, data_sha256: str, evaluation: dict[str, Any] | None = None) -> str:
+    """`evaluation`: what the stage's reported metrics depend on (edgeft.evaluate.eval_identity)."""
     return digest_of(
         {
             "stage": stage.name,
@@ -72,16 +74,20 @@ def stage_key(stage: PlannedStage, source: Artifact, data_sha256: str) -> str:
             "data": data_sha256,
             "code": sha256_file(Path(stage.module.__file__)),
             "edgeft": __version__,
+            **({"eval": evaluation} if evaluation is not None else {}),
         }
     )
 
 
 def run(stages: list[PlannedStage], ctx: BuildContext, force: bool = False) -> tuple[Artifact, list[StageOutcome]]:
     """Run `stages` from ctx.base; returns the last artifact and what each stage did."""
+    from .evaluate import eval_identity
+
     current = ctx.base
     outcomes = []
+    evaluation = eval_identity(ctx.profile.eval)
     for stage in stages:
-        key = stage_key(stage, current, ctx.splits.sha256)
+        key = stage_key(stage, current, ctx.splits.sha256, evaluation)
         final = cache_root() / "artifacts" / f"{stage.name}-{key[:24]}"
         started = time.perf_counter()
         if not force and (final / "artifact.json").exists():
@@ -90,12 +96,12 @@ def run(stages: list[PlannedStage], ctx: BuildContext, force: bool = False) -> t
         else:
             ctx.log(f"{stage.name}: running")
             with atomic_dir(final) as tmp:
-                ctx.out = tmp
+                ctx.out, ctx.stage_key, ctx.force = tmp, key, force
                 result = stage.module.run(current, stage.config, ctx)
                 result.path, result.key, result.stage = tmp, key, stage.name
                 result.files = hash_dir(tmp)
                 result.save_meta()
             result.path = final
             current = result
-        outcomes.append(StageOutcome(stage.name, key, current.sha256, current.cached, round(time.perf_counter() - started, 2), current.metrics))
+        outcomes.append(StageOutcome(stage.name, key, current.sha256, current.cached, round(time.perf_counter() - started, 2), current.metrics, current.info))
     return current, outcomes

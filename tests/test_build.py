@@ -82,12 +82,12 @@ def test_onnx_export_matches_pytorch(demo_build, cache_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgeft import onnx_lm
+    from edgeft import lm
 
     rows = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 60, 3, 9, 12]]
     torch_model = AutoModelForCausalLM.from_pretrained(_stage_dir(cache_dir, "merge", demo_build))
-    backend = onnx_lm.load(_stage_dir(cache_dir, "export", demo_build) / "model.onnx")
-    for row, got in zip(rows, onnx_lm.teacher_forced_logits(backend, rows)):
+    backend = lm.load(_stage_dir(cache_dir, "export", demo_build) / "model.onnx")
+    for row, got in zip(rows, lm.teacher_forced_logits(backend, rows)):
         with torch.no_grad():
             expected = torch_model(input_ids=torch.tensor([row])).logits[0].numpy()
         assert np.abs(got - expected).max() < 1e-3

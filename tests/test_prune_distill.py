@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.progress import Progress
 
-from edgeft import onnx_lm, pipeline
+from edgeft import lm, pipeline
 from edgeft.artifact import Artifact, atomic_dir, cache_root, digest_of
 from edgeft.config import Profile, Target
 from edgeft.context import BuildContext
@@ -91,10 +91,10 @@ def _load(path: Path):
 def _onnx_max_abs_diff(model, tokenizer, examples, path: Path) -> float:
     export_onnx(model, path, opset=18)
     rows = [sum(encode(tokenizer, e), []) for e in examples]
-    backend = onnx_lm.load(path)
+    backend = lm.load(path)
     with torch.no_grad():
         reference = [model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
-    return max(float(np.abs(o - r).max()) for o, r in zip(onnx_lm.teacher_forced_logits(backend, rows), reference))
+    return max(float(np.abs(o - r).max()) for o, r in zip(lm.teacher_forced_logits(backend, rows), reference))
 
 
 def test_mlp_pruning_shrinks_exactly_reloads_and_runs_in_onnxruntime(teacher, tmp_path):

@@ -175,7 +175,7 @@ def test_path_escape_refused(bundle, capsys, escape):
     (lambda m: {**m, "format": "edgeft-bundle/9"}, "format"),
     (lambda m: {**m, "files": {**m["files"], "golden.npz": "abc"}}, "sha256 hex"),
     (lambda m: {**m, "task": {"file": "other.json"}}, "not listed in 'files'"),
-    (lambda m: {**m, "runtime": "tflite"}, "not implemented yet on the device: tflite"),
+    (lambda m: {**m, "runtime": "coreml"}, "unknown runtime 'coreml'"),
 ])
 def test_bad_manifest_is_one_line(bundle, tmp_path, capsys, edit, fragment):
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -372,5 +372,8 @@ def test_zipapp_verify_and_info(bundle, tmp_path):
     assert (proc.returncode, proc.stdout) == (0, "ok 3 files\n")
     proc = subprocess.run([sys.executable, str(pyz), "info"], capture_output=True, text=True, timeout=60)
     info = json.loads(proc.stdout)
-    assert info["runtimes"] == {"onnxruntime": __import__("onnxruntime").__version__}
+    from importlib.metadata import version
+
+    assert info["runtimes"] == {"onnxruntime": __import__("onnxruntime").__version__,
+                                "tflite": f"ai-edge-litert {version('ai-edge-litert')}", "tensorrt": None}
     assert info["device"]["python"] == ".".join(map(str, sys.version_info[:3]))

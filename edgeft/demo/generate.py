@@ -1,8 +1,10 @@
-"""Generates the demo's shipped data: a pretraining corpus and the task dataset.
+"""Generates the demo's shipped data: a pretraining corpus, the task dataset and a general held-out text.
 
 The task: a gateway telemetry line -> a one-line JSON alert. The corpus has the same kinds of lines
 but never pairs a reading with its correct alert, so the base model knows the formats, not the task,
-and fine-tuning has something measurable to teach.
+and fine-tuning has something measurable to teach. The general held-out text is a fresh sample of the
+corpus's distribution (its own seed; the base never trains on it): its perplexity before and after
+fine-tuning is the forgetting check (edgeft.evaluate).
 
 Run `python -m edgeft.demo.generate` to rewrite the shipped files (deterministic: same seed, same bytes).
 """
@@ -16,7 +18,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS_FILE = HERE / "corpus.txt"
 TASK_FILE = HERE / "alerts.jsonl"
+GENERAL_FILE = HERE / "general.txt"
 SEED = 1234
+GENERAL_SEED = 4321  # not SEED: another sample of the same kinds of lines
 ALERTS = ("overheat", "low_battery", "link_errors", "ok")
 
 
@@ -88,7 +92,8 @@ def main() -> None:
     with TASK_FILE.open("w") as f:
         for example in task_examples(rng, 2400):
             f.write(json.dumps(example) + "\n")
-    print(f"wrote {CORPUS_FILE} and {TASK_FILE}")
+    GENERAL_FILE.write_text(corpus(random.Random(GENERAL_SEED), 300))
+    print(f"wrote {CORPUS_FILE}, {TASK_FILE} and {GENERAL_FILE}")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def run(model: Artifact, config: DistillConfig, ctx: BuildContext) -> Artifact:
     test = ctx.splits.test
     teacher_accuracy = exact_match(teacher, tokenizer, test, progress=ctx.progress, label="evaluate teacher")
 
-    train = _features(tokenizer, ctx.splits.train, config.max_length, f"{ctx.splits.source} (train split)")
+    train = _features(tokenizer, ctx.splits.train, config.max_length, ctx.splits.config).rows
     loader = torch.utils.data.DataLoader(
         train, batch_size=config.batch_size, shuffle=True, collate_fn=_Collator(tokenizer.pad_token_id),
         generator=torch.Generator().manual_seed(config.seed),

@@ -1,4 +1,5 @@
-"""export: the merged PyTorch model -> ONNX with a KV cache (one graph for prefill and decode).
+"""export: the merged PyTorch model -> ONNX with a KV cache (one graph for prefill and decode), or
+`.tflite` (format: tflite) with a static KV cache and prefill/decode signatures (see edgeft.tflite).
 
 I/O contract (batch 1), read by the runner: inputs `input_ids` [1, seq], `attention_mask` [1, past+seq],
 `past_key_values.{i}.key|value` [1, kv_heads, past, head_dim]; outputs `logits` [1, seq, vocab] and
@@ -7,19 +8,24 @@ I/O contract (batch 1), read by the runner: inputs `input_ids` [1, seq], `attent
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import encode
-from ..errors import ModelError
-from .. import onnx_lm
+from ..errors import ConfigError, ModelError
+from .. import lm
 
 
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    opset: int = Field(18, ge=18)  # the dynamo exporter fails an assertion at opset 17
+    format: Literal["onnx", "tflite"] = "onnx"  # onnx: ONNX Runtime and TensorRT targets; tflite: LiteRT
+    opset: int = Field(18, ge=18)  # onnx; the dynamo exporter fails an assertion at opset 17
+    prefill_tokens: list[int] = Field([64], min_length=1)  # tflite: one prefill signature per length
+    cache_tokens: int = Field(256, ge=2)  # tflite: the static KV cache (prompt + generated tokens)
     atol: float = Field(1e-3, gt=0)  # fp32 ONNX vs PyTorch differ by ~1e-6 here
     validation_examples: int = Field(8, ge=1)
 
@@ -87,6 +93,24 @@ def export_onnx(model, path, opset: int) -> None:
     program.save(str(path))
 
 
+def _validate_tflite(path, torch_model, tokenizer, examples, atol: float, threads: int) -> float:
+    """Max |logit diff| vs PyTorch at the completion positions (prefill, then teacher-forced decode)."""
+    import numpy as np
+    import torch
+
+    backend = lm.load(path, threads=threads, options={"pad_token_id": tokenizer.pad_token_id})
+    worst = 0.0
+    for example in examples:
+        prompt_ids, completion_ids = encode(tokenizer, example)
+        with torch.no_grad():
+            reference = torch_model(input_ids=torch.tensor([prompt_ids + completion_ids])).logits[0].numpy()
+        got = lm.completion_logits(backend, prompt_ids, completion_ids)
+        worst = max(worst, float(np.abs(got - reference[len(prompt_ids) - 1: -1]).max()))
+    if not worst <= atol:
+        raise ModelError(f"TFLite export differs from PyTorch by {worst:.3g} (tolerance {atol:g}); the converter mis-traced this model")
+    return worst
+
+
 def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
     import numpy as np
     import torch
@@ -98,28 +122,49 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
         raise ModelError(f"export needs a PyTorch model (after merge), got a {model.kind!r} artifact; list merge before export")
     tokenizer = load_tokenizer(model.path)
     torch_model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
-    task = ctx.progress.add_task("export ONNX", total=None) if ctx.progress else None
+    shape = model_shape(torch_model.config)
+    if config.format == "tflite":
+        from .. import tflite
+
+        if config.cache_tokens > shape["max_positions"]:
+            raise ModelError(f"export cache_tokens {config.cache_tokens} exceeds the model's max_position_embeddings {shape['max_positions']}")
+        target_file, label = ctx.out / "model.tflite", "export TFLite (litert-torch)"
+    else:
+        target_file, label = ctx.out / "model.onnx", "export ONNX"
+    task = ctx.progress.add_task(label, total=None) if ctx.progress else None
     try:
-        export_onnx(torch_model, ctx.out / "model.onnx", config.opset)
+        if config.format == "tflite":
+            tflite.convert(model.path, target_file, config.prefill_tokens, config.cache_tokens)
+        else:
+            export_onnx(torch_model, target_file, config.opset)
+    except (ModelError, ConfigError):
+        raise
     except Exception as exc:  # the exporters raise many types; the user needs the first line and the model
-        raise ModelError(f"{model.path}: ONNX export failed: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise ModelError(f"{model.path}: {config.format} export failed: {str(exc).strip().splitlines()[0][:300]}") from None
     finally:
         if ctx.progress:
             ctx.progress.remove_task(task)
 
-    rows = [sum(encode(tokenizer, e), []) for e in ctx.splits.test[: config.validation_examples]]
-    backend = onnx_lm.load(ctx.out / "model.onnx", threads=ctx.threads)
-    with torch.no_grad():
-        reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
-    max_abs_diff = max(float(np.abs(o - r).max()) for o, r in zip(onnx_lm.teacher_forced_logits(backend, rows), reference))
-    if not max_abs_diff <= config.atol:
-        raise ModelError(f"ONNX export differs from PyTorch by {max_abs_diff:.3g} (tolerance {config.atol:g}); the exporter mis-traced this model")
+    examples = ctx.splits.test[: config.validation_examples]
+    if config.format == "tflite":
+        max_abs_diff = _validate_tflite(target_file, torch_model, tokenizer, examples, config.atol, ctx.threads)
+        info = {"format": "tflite", "cache_tokens": config.cache_tokens, "prefill_tokens": config.prefill_tokens}
+    else:
+        rows = [sum(encode(tokenizer, e), []) for e in examples]
+        backend = lm.load(target_file, threads=ctx.threads)
+        with torch.no_grad():
+            reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
+        max_abs_diff = max(float(np.abs(o - r).max()) for o, r in zip(lm.teacher_forced_logits(backend, rows), reference))
+        if not max_abs_diff <= config.atol:
+            raise ModelError(f"ONNX export differs from PyTorch by {max_abs_diff:.3g} (tolerance {config.atol:g}); the exporter mis-traced this model")
+        info = {"format": "onnx", "opset": config.opset}
     tokenizer.save_pretrained(ctx.out / "tokenizer")
     return Artifact(
         path=ctx.out,
-        kind="onnx",
+        kind=config.format,
         stage="export",
         key="",
         metrics={"export_max_abs_diff": max_abs_diff, "export_atol": config.atol},
-        info={"precision": "fp32", "opset": config.opset, "eos_token_id": tokenizer.eos_token_id, **model_shape(torch_model.config)},
+        info={"precision": "fp32", **info, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, **shape},
     )

@@ -1,4 +1,10 @@
-"""finetune: QLoRA (4-bit NF4 base + LoRA adapters via peft), or plain LoRA on a full-precision base.
+"""finetune: QLoRA (4-bit NF4 base + LoRA adapters via peft), or LoRA on a full-precision base.
+
+Trained with the transformers Trainer (gradient accumulation and checkpointing, cosine/linear schedule
+with warm-up, validation loss + task exact match at every eval, early stopping on validation loss).
+Checkpoints every `save_steps` go to a directory keyed by this stage's cache key, so a run killed
+mid-way (even with kill -9) resumes from its last complete checkpoint when the same build is run again.
+Runs unchanged under `accelerate launch` / torchrun (see `edgeft finetune`).
 
 Saves the adapter alone (small) with its config; the merge stage folds it into the base later.
 Reports task accuracy of the base and of base+adapter on the test split.
@@ -13,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..artifact import Artifact
 from ..context import BuildContext
-from ..data import encode
+from ..data import DataConfig, training_rows
 from ..errors import ModelError
 from ..evaluate import exact_match
 
@@ -22,12 +28,22 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["qlora", "lora"] = "qlora"
+    # A name for this adapter (one per customer or task on the same base); recorded in the bundle.
+    adapter: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # lora only: the frozen base's dtype. float32 = full-precision LoRA; bfloat16/float16 = plain LoRA in half.
+    base_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     epochs: float = Field(2.0, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # per device (per process under accelerate)
+    gradient_accumulation_steps: int = Field(1, ge=1)  # effective batch = batch_size x this x processes
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    eval_steps: int | None = Field(None, ge=1)  # validation loss + task metric every N steps; None: each epoch
+    eval_task_examples: int = Field(64, ge=0)  # validation examples whose exact match is logged per eval
+    early_stopping_patience: int | None = Field(None, ge=1)  # stop after N evals without a lower val loss
+    save_steps: int = Field(50, ge=1)  # resumable checkpoint every N optimizer steps
     lr: float = Field(2e-3, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
@@ -55,6 +71,8 @@ def load_base(path, config: FinetuneConfig):
     dtype = getattr(torch, config.resolved_dtype())
     try:
         if config.method == "qlora":
+            if config.resolved_dtype() == "float16":
+                raise ModelError("qlora with float16 compute is known to be unstable; use bfloat16 or float32")
             quant = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=config.quant_type,
@@ -64,7 +82,7 @@ def load_base(path, config: FinetuneConfig):
             )
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.base_dtype))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load as a causal LM: {str(exc).splitlines()[0]}") from None
     _avoid_bnb_cpu_repack(model)
@@ -111,51 +129,109 @@ class _Collator:
         }
 
 
-def _features(tokenizer, examples, max_length: int, where: str):
-    rows = []
-    for index, example in enumerate(examples):
-        prompt_ids, completion_ids = encode(tokenizer, example)
-        ids = prompt_ids + completion_ids
-        if len(ids) > max_length:
-            raise ModelError(f"{where}: example {index} is {len(ids)} tokens, over max_length {max_length}; raise finetune.max_length or shorten it")
-        rows.append({"input_ids": ids, "labels": [-100] * len(prompt_ids) + completion_ids})
-    return rows
+def _features(tokenizer, examples, max_length: int, data_config: DataConfig | None):
+    """Training rows (edgeft.data.training_rows): labelled per data.loss_on, truncated to data.max_length
+    when the profile sets it, else to this stage's max_length (oldest prompt tokens first; counted)."""
+    data_config = data_config or DataConfig()
+    return training_rows(tokenizer, examples, data_config.model_copy(update={"max_length": data_config.max_length or max_length}))
 
 
-def _progress_callback(progress, total_steps: int):
+def checkpoint_root(stage_key: str):
+    """Outside the stage's temp dir, so it survives a crash; keyed so only the same run resumes."""
+    from ..artifact import cache_root
+
+    return cache_root() / "checkpoints" / f"finetune-{stage_key[:24]}"
+
+
+def last_complete_checkpoint(root) -> str | None:
+    """The newest checkpoint-N holding trainer state and adapter weights (a kill mid-save leaves a partial one)."""
+    candidates = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for candidate in reversed(candidates):
+        if (candidate / "trainer_state.json").is_file() and any(candidate.glob("adapter_model.*")) and any(
+                candidate.glob("optimizer.*")):
+            return str(candidate)
+    return None
+
+
+def _callbacks(progress, total_steps: int, log_path, tokenizer, val_examples, patience: int | None):
+    """Rich progress bar; plot-ready JSON lines (appended live, so a killed run keeps its log);
+    validation exact match at each eval; early stopping on validation loss."""
+    import json as _json
+
     from transformers import TrainerCallback
 
-    class RichProgress(TrainerCallback):
+    from ..evaluate import exact_match as _exact_match
+
+    class Callbacks(TrainerCallback):
+        best_loss, evals_without_gain = float("inf"), 0
+
         def on_train_begin(self, args, state, control, **kwargs):
-            self.task = progress.add_task("finetune", total=total_steps) if progress else None
+            self.task = progress.add_task("finetune", total=total_steps) if progress and state.is_world_process_zero else None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if progress and logs and "loss" in logs:
-                progress.update(self.task, description=f"finetune (loss {logs['loss']:.3f})")
+            if not (logs and state.is_world_process_zero):
+                return
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(_json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+            if self.task is not None:
+                parts = [f"loss {logs['loss']:.3f}"] if "loss" in logs else []
+                parts += [f"val {logs['eval_loss']:.3f}"] if "eval_loss" in logs else []
+                if parts:
+                    progress.update(self.task, description=f"finetune ({', '.join(parts)})")
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            if val_examples and model is not None and state.is_world_process_zero:
+                metrics["eval_exact_match"] = round(_exact_match(model, tokenizer, val_examples), 4)
+                model.train()
+            loss = (metrics or {}).get("eval_loss")
+            if patience and loss is not None:
+                if loss < self.best_loss - 1e-4:
+                    self.best_loss, self.evals_without_gain = loss, 0
+                else:
+                    self.evals_without_gain += 1
+                    if self.evals_without_gain >= patience:
+                        control.should_training_stop = True
 
         def on_step_end(self, args, state, control, **kwargs):
-            if progress:
+            if self.task is not None:
                 progress.update(self.task, completed=state.global_step)
 
         def on_train_end(self, args, state, control, **kwargs):
-            if progress:
+            if self.task is not None:
                 progress.remove_task(self.task)
 
-    return RichProgress()
+    return Callbacks()
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     import math
+    import shutil
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
 
     set_seed(config.seed)
     tokenizer = load_tokenizer(model.path)
     test = ctx.splits.test
 
-    base_fp32 = load_base(model.path, config.model_copy(update={"method": "lora"}))
+    max_positions = _max_positions(model.path)
+    if max_positions is not None and config.max_length > max_positions:
+        raise ModelError(f"finetune.max_length {config.max_length} exceeds the model's maximum sequence length "
+                         f"{max_positions} ({model.path}/config.json); lower max_length")
+    train, truncated = _features(tokenizer, ctx.splits.train, config.max_length, ctx.splits.config)
+    val, _ = _features(tokenizer, ctx.splits.val, config.max_length, ctx.splits.config)
+    if truncated:
+        ctx.log(f"finetune: {truncated} of {len(train)} training examples truncated to max_length")
+
+    base_fp32 = load_base(model.path, config.model_copy(update={"method": "lora", "base_dtype": "float32"}))
     accuracy_base = exact_match(base_fp32, tokenizer, test, progress=ctx.progress, label="evaluate base")
     del base_fp32
 
@@ -170,11 +246,25 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     peft_model = get_peft_model(base, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
-    train = _features(tokenizer, ctx.splits.train, config.max_length, f"{ctx.splits.source} (train split)")
-    steps = math.ceil(len(train) / config.batch_size * config.epochs)
+    checkpoints = checkpoint_root(ctx.stage_key or "adhoc")
+    if ctx.force:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    resume_from = last_complete_checkpoint(checkpoints)
+    if resume_from:
+        ctx.log(f"finetune: resuming an interrupted run from {resume_from}")
+    log_path = checkpoints / "train_log.jsonl"
+
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    steps = math.ceil(len(train) / (config.batch_size * world * config.gradient_accumulation_steps) * config.epochs)
+    evaluate_each = {"eval_strategy": "steps", "eval_steps": config.eval_steps} if config.eval_steps else {"eval_strategy": "epoch"}
     args = TrainingArguments(
-        output_dir=str(ctx.out / "checkpoints"),
+        output_dir=str(checkpoints),
         per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
         lr_scheduler_type=config.scheduler,
@@ -182,8 +272,12 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
         max_grad_norm=config.max_grad_norm,
         bf16=config.resolved_dtype() == "bfloat16",
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,  # CPU processes under accelerate/torchrun
         logging_steps=10,
-        save_strategy="no",
+        **(evaluate_each if val else {"eval_strategy": "no"}),
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
         report_to="none",
         disable_tqdm=True,
         seed=config.seed,
@@ -195,23 +289,33 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
         model=peft_model,
         args=args,
         train_dataset=train,
+        eval_dataset=val or None,
         data_collator=_Collator(tokenizer.pad_token_id),
-        callbacks=[_progress_callback(ctx.progress, steps)],
+        callbacks=[_callbacks(ctx.progress, steps, log_path, tokenizer, ctx.splits.val[: config.eval_task_examples],
+                              config.early_stopping_patience)],
     )
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; the log goes to train_log.jsonl
-    result = trainer.train()
-    log = [entry for entry in trainer.state.log_history if "loss" in entry]
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise ModelError(
+                f"out of memory while fine-tuning (batch_size {config.batch_size}, max_length {config.max_length}): "
+                "lower batch_size (raise gradient_accumulation_steps to keep the effective batch), set "
+                "gradient_checkpointing: true, or lower max_length") from None
+        raise
+    if not trainer.is_world_process_zero():
+        return None  # other processes of a multi-process run: rank 0 writes the artifact
 
     accuracy = exact_match(peft_model, tokenizer, test, progress=ctx.progress, label="evaluate finetuned")
     adapter_dir = ctx.out / "adapter"
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    (ctx.out / "train_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in log))
-    import shutil
-
-    shutil.rmtree(ctx.out / "checkpoints", ignore_errors=True)
+    (adapter_dir / "edgeft_adapter.json").write_text(json.dumps(
+        {"name": config.adapter, "base_sha256": ctx.base.sha256, "data_sha256": ctx.splits.sha256, "method": config.method}, indent=2))
+    shutil.copyfile(log_path, ctx.out / "train_log.jsonl")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the artifact replaces them
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     return Artifact(
         path=ctx.out,
         kind="adapter",
@@ -221,9 +325,21 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
             "accuracy_base": accuracy_base,
             "accuracy": accuracy,
             "train_loss": round(result.training_loss, 4),
+            "val_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
             "train_steps": result.global_step,
             "train_s": round(result.metrics.get("train_runtime", 0.0), 1),
             "trainable_params": trainable,
+            "truncated_examples": truncated,
+            "resumed_from_step": int(resume_from.rsplit("-", 1)[-1]) if resume_from else None,
         },
-        info={"method": config.method, "base_sha256": ctx.base.sha256, "torch_threads": torch.get_num_threads()},
+        info={"method": config.method, "adapter": config.adapter, "base_sha256": ctx.base.sha256,
+              "torch_threads": torch.get_num_threads()},
     )
+
+
+def _max_positions(model_dir) -> int | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("max_position_embeddings") or config.get("n_positions")

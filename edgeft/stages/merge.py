@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..artifact import Artifact
+from ..artifact import Artifact, hash_dir
 from ..context import BuildContext
 from ..data import encode
 from ..errors import ModelError
@@ -36,6 +36,11 @@ def run(model: Artifact, config: MergeConfig, ctx: BuildContext) -> Artifact:
             f"{model.path}: this adapter was trained on another base (sha256 {str(model.info.get('base_sha256'))[:12]}…, "
             f"given {ctx.base.sha256[:12]}…); merge it into the base it was trained on"
         )
+    actual = hash_dir(model.path)
+    changed = sorted(name for name in set(actual) | set(model.files) if actual.get(name) != model.files.get(name))
+    if changed:
+        raise ModelError(f"{model.path}: adapter files differ from the sha256 recorded when it was trained "
+                         f"({', '.join(changed[:3])}): tampered or corrupted; re-run finetune with --force")
     tokenizer = load_tokenizer(ctx.base.path)
     base = AutoModelForCausalLM.from_pretrained(ctx.base.path, dtype=torch.float32)
     try:
@@ -64,5 +69,5 @@ def run(model: Artifact, config: MergeConfig, ctx: BuildContext) -> Artifact:
         stage="merge",
         key="",
         metrics={"accuracy": accuracy, "merge_max_abs_diff": max_abs_diff, "merge_atol": config.atol},
-        info={"adapter_sha256": model.sha256, "base_sha256": ctx.base.sha256},
+        info={"adapter_sha256": model.sha256, "adapter": model.info.get("adapter", "default"), "base_sha256": ctx.base.sha256},
     )

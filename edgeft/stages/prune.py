@@ -56,7 +56,7 @@ def _check_supported(model, path) -> None:
 def _taylor_scores(model, tokenizer, config: PruneConfig, ctx: BuildContext) -> dict[str, "torch.Tensor"]:
     """|w * dL/dw| per weight, the task loss's gradient accumulated over the calibration batches (as
     torch-pruning's TaylorImportance does). Taking |.| per batch instead measured worse on the demo."""
-    rows = _features(tokenizer, ctx.splits.train[: config.calibration_examples], config.max_length, f"{ctx.splits.source} (train split)")
+    rows = _features(tokenizer, ctx.splits.train[: config.calibration_examples], config.max_length, ctx.splits.config).rows
     collate = _Collator(tokenizer.pad_token_id)
     task = ctx.progress.add_task("prune: taylor importance", total=len(rows)) if ctx.progress else None
     model.train()

@@ -1,7 +1,12 @@
-"""quantize: the fp32 ONNX model -> int8 dynamic, int8 static (Q/DQ, calibrated on the task data),
-int4 weight-only (MatMulNBits) or fp32 (a copy).
+"""quantize: the fp32 exported model -> a smaller precision.
 
-Validated against the fp32 ONNX model (itself validated against PyTorch) on teacher-forced test rows:
+ONNX: fp16 (weights; inputs/outputs stay fp32: TensorRT builds an fp16 engine from it), int8 dynamic,
+int8 static (Q/DQ, symmetric, calibrated on the task data: what TensorRT's explicit-quantization path
+reads), int4 weight-only (MatMulNBits) or fp32 (a copy).
+TFLite (ai-edge-quantizer): fp16 weights, int8-dynamic (dynamic-range), int8-weight (weight-only),
+int8-static (int8 weights and activations at the fully connected layers, calibrated on the task data), fp32.
+
+Validated against the fp32 model of the same format (itself validated against PyTorch) on test rows:
 the next-token choice must agree on at least `min_top1_agreement` of completion positions, a tolerance
 set per precision. Task accuracy of the result is measured on the host through ONNX Runtime.
 """
@@ -13,22 +18,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import onnx_lm
+from .. import lm
 from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import encode
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..evaluate import max_new_tokens_for
 
 # Share of completion positions whose argmax must match the fp32 model, per precision.
-DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "int8-dynamic": 0.95, "int8-static": 0.9, "int4-weight": 0.85}
-PRECISION = {"fp32": "fp32", "int8-dynamic": "int8", "int8-static": "int8-static", "int4-weight": "int4"}
+DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "int8-dynamic": 0.95, "int8-weight": 0.95, "int8-static": 0.9,
+                          "int4-weight": 0.85}
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8-dynamic": "int8", "int8-weight": "int8-weight", "int8-static": "int8-static",
+             "int4-weight": "int4"}
+MODES = {"onnx": ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"),
+         "tflite": ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-static")}
 
 
 class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["fp32", "int8-dynamic", "int8-static", "int4-weight"] = "int8-dynamic"
+    mode: Literal["fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight", "int8-weight"] = "int8-dynamic"
     per_channel: bool = False  # int8: one scale per output channel (slower to quantize, often more accurate)
     calibration_samples: int = Field(32, ge=1)  # int8-static: training examples whose activations set the ranges
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # int8-static
@@ -43,7 +52,7 @@ def calibration_feeds(model_path, rows: list[list[int]]) -> list[dict]:
     decode step with the real cache it produced, so activation ranges cover how the model is run."""
     import numpy as np
 
-    backend = onnx_lm.load(model_path)
+    backend = lm.load(model_path)
     feeds = []
     for row in rows:
         prefill = np.asarray([row[:-1]], dtype=np.int64)
@@ -57,6 +66,12 @@ def calibration_feeds(model_path, rows: list[list[int]]) -> list[dict]:
 def quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[int]] | None = None) -> None:
     if config.mode == "fp32":
         shutil.copyfile(source, dest)
+    elif config.mode == "fp16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # fp32 inputs/outputs (and KV cache): the runner feeds the same arrays whatever the precision.
+        onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(dest))
     elif config.mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -94,27 +109,37 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
     import numpy as np
     from transformers import AutoTokenizer
 
-    if model.kind != "onnx":
-        raise ModelError(f"quantize needs an ONNX model, got a {model.kind!r} artifact; list export before quantize")
+    if model.kind not in MODES:
+        raise ModelError(f"quantize needs an exported model, got a {model.kind!r} artifact; list export before quantize")
+    if config.mode not in MODES[model.kind]:
+        raise ModelError(f"quantize mode {config.mode!r} does not apply to {model.kind} models; "
+                         f"use one of {', '.join(MODES[model.kind])}")
     tokenizer = AutoTokenizer.from_pretrained(model.path / "tokenizer")
-    calibration_rows = [sum(encode(tokenizer, e), []) for e in ctx.splits.train[: config.calibration_samples]]
+    calibration = [encode(tokenizer, e) for e in ctx.splits.train[: config.calibration_samples]]
+    name = f"model.{model.kind}"
     try:
-        quantize(model.path / "model.onnx", ctx.out / "model.onnx", config, calibration_rows)
+        if model.kind == "tflite":
+            from .. import tflite
+
+            tflite.quantize(model.path / name, ctx.out / name, config.mode, calibration)
+        else:
+            quantize(model.path / name, ctx.out / name, config, [p + c for p, c in calibration])
+    except ConfigError:
+        raise
     except Exception as exc:  # quantizers raise assorted types; name the mode and the first line
-        raise ModelError(f"quantize ({config.mode}) failed on {model.path / 'model.onnx'}: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise ModelError(f"quantize ({config.mode}) failed on {model.path / name}: {str(exc).strip().splitlines()[0][:300]}") from None
     shutil.copytree(model.path / "tokenizer", ctx.out / "tokenizer")
 
-    reference = onnx_lm.load(model.path / "model.onnx", threads=ctx.threads)
-    quantized = onnx_lm.load(ctx.out / "model.onnx", threads=ctx.threads)
-    examples = ctx.splits.test[: config.validation_examples]
+    options = {"pad_token_id": tokenizer.pad_token_id}
+    reference = lm.load(model.path / name, threads=ctx.threads, options=options)
+    quantized = lm.load(ctx.out / name, threads=ctx.threads, options=options)
     agree = total = 0
     max_abs_diff = 0.0
-    for example in examples:
+    for example in ctx.splits.test[: config.validation_examples]:
         prompt_ids, completion_ids = encode(tokenizer, example)
-        row = prompt_ids + completion_ids
-        (ref,), (out,) = onnx_lm.teacher_forced_logits(reference, [row]), onnx_lm.teacher_forced_logits(quantized, [row])
-        span = slice(len(prompt_ids) - 1, len(row) - 1)  # positions that predict the completion
-        agree += int((ref[span].argmax(-1) == out[span].argmax(-1)).sum())
+        ref = lm.completion_logits(reference, prompt_ids, completion_ids)
+        out = lm.completion_logits(quantized, prompt_ids, completion_ids)
+        agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
         total += len(completion_ids)
         max_abs_diff = max(max_abs_diff, float(np.abs(ref - out).max()))
     agreement = agree / total
@@ -124,10 +149,10 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
             f"{config.mode} model picks the fp32 model's next token at only {agreement:.1%} of completion positions "
             f"(tolerance {needed:.0%}); try per_channel: true, a smaller block_size, or a wider precision"
         )
-    accuracy = onnx_lm.exact_match(quantized, tokenizer, ctx.splits.test, max_new_tokens_for(tokenizer, ctx.splits.test))
+    accuracy = lm.exact_match(quantized, tokenizer, ctx.splits.test, max_new_tokens_for(tokenizer, ctx.splits.test))
     return Artifact(
         path=ctx.out,
-        kind="onnx",
+        kind=model.kind,
         stage="quantize",
         key="",
         metrics={"accuracy": accuracy, "top1_agreement": round(agreement, 4), "max_abs_diff_vs_fp32": round(max_abs_diff, 4)},

@@ -14,7 +14,7 @@ from .backends import create_backend, installed_runtimes
 from .bundle import bundle_path, verify_bundle
 from .measure import (first_token_and_decode, load_task, prompt_ids, smoke_test, summarize_ms, task_accuracy,
                       time_repeated)
-from .telemetry import TelemetrySampler
+from .telemetry import TelemetrySampler, telemetry_summary
 from .telemetry.jetson import jetson_clocks_applied, nvpmodel_mode, snapshot_counters, throttle_state
 from .telemetry.tegrastats import TegrastatsSampler
 from .telemetry.system import device_info, peak_rss_mb
@@ -60,6 +60,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _engine_info(backend) -> dict | None:
+    """Engine-building runtimes (TensorRT): where the engine is and whether this run built it."""
+    if not hasattr(backend, "engine_cached"):
+        return None
+    return {"cached": backend.engine_cached, "build_s": backend.engine_build_s, "path": str(backend.engine_path)}
+
+
 def cmd_run(args) -> int:
     started = time.perf_counter()
     bundle_dir = Path(args.bundle)
@@ -68,7 +75,8 @@ def cmd_run(args) -> int:
     oc_before = snapshot_counters(sysfs_root)
     clocks = jetson_clocks_applied(sysfs_root)
     power_mode = nvpmodel_mode()
-    with TelemetrySampler(sysfs_root, args.samples) as telemetry, TegrastatsSampler(interval_ms=500) as tegra:
+    with TegrastatsSampler(interval_ms=500) as tegra, \
+            TelemetrySampler(sysfs_root, args.samples, tegrastats=tegra) as telemetry:
         manifest = verify_bundle(bundle_dir)
         model, measure = manifest["model"], manifest["measure"]
         threads = args.threads or manifest.get("threads") or os.cpu_count() or 1
@@ -86,7 +94,9 @@ def cmd_run(args) -> int:
         backend = create_backend(manifest.get("runtime", "onnxruntime"))
         t0 = time.perf_counter()
         backend.load(bundle_path(bundle_dir, model["file"]), threads,
-                     num_kv_heads=model.get("num_kv_heads"), head_dim=model.get("head_dim"))
+                     num_kv_heads=model.get("num_kv_heads"), head_dim=model.get("head_dim"),
+                     options={**(manifest.get("runtime_options") or {}),
+                              "model_sha256": manifest["files"][model["file"]]})
         load_s = time.perf_counter() - t0
 
         smoke = smoke_test(backend, bundle_path(bundle_dir, manifest["golden"]["file"]),
@@ -94,10 +104,15 @@ def cmd_run(args) -> int:
 
         prompt = prompt_ids(prompt_tokens, model["vocab_size"])
         empty_past = backend.empty_past()
+        device_ms = getattr(backend, "device_compute_ms", None)  # GPU backends: time on the GPU per forward
+        if device_ms is not None:
+            device_ms.clear()
         warmup, samples_ms = time_repeated(lambda: backend.forward(prompt, empty_past),
                                            float(measure["warmup_s"]), float(measure["min_s"]),
                                            int(measure["min_iters"]))
         latency_ms = {"prompt_tokens": prompt_tokens, "warmup": warmup, **summarize_ms(samples_ms)}
+        if device_ms:  # like trtexec: host wall time above, GPU compute time of the same timed calls here
+            latency_ms["device_compute"] = summarize_ms(device_ms[-len(samples_ms):])
 
         decode = first_token_and_decode(backend, prompt, decode_tokens, int(measure["first_token_runs"]))
 
@@ -105,6 +120,7 @@ def cmd_run(args) -> int:
         accuracy = task_accuracy(backend, task, model["eos_token_id"])
 
     thermal = telemetry.thermal_summary()
+    peak_rss = peak_rss_mb()
     # A throttled run measured a slower device than the one budgeted for: the gate calls it INVALID.
     throttle = throttle_state(sysfs_root, oc_before, zone_max_c={z["name"]: z["max_c"] for z in thermal["zones"] if z.get("max_c") is not None})
     report = {
@@ -117,16 +133,17 @@ def cmd_run(args) -> int:
         },
         "device": device_info(),
         "runtime": {"name": backend.name, "version": backend.version, "threads": threads, "threads_requested": threads_requested,
-                    "providers": backend.providers},
+                    "providers": backend.providers, "engine": _engine_info(backend)},
         "load_s": round(load_s, 3),
         "smoke": smoke,
         "latency_ms": latency_ms,
         **decode,
         "accuracy": accuracy,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss,
         "thermal": thermal,
         "throttle": throttle,
         "jetson": {"nvpmodel": power_mode, "jetson_clocks": clocks, "tegrastats": tegra.summary()},
+        "telemetry": telemetry_summary(telemetry, thermal, throttle, peak_rss, tegra.reason),
         "wall_s": round(time.perf_counter() - started, 3),
     }
     write_json_atomic(Path(args.report), report)

@@ -1,7 +1,7 @@
 """Runtime backends, chosen by the manifest's `runtime` field.
 
-A backend runs one KV-cache step of the bundled model. Adding TFLite or TensorRT means writing a
-module with `create_backend()` and `installed_version()` and listing it in BACKEND_MODULES.
+A backend runs one KV-cache step of the bundled model. A runtime is a module with `create_backend()`
+and `installed_version()`, listed in BACKEND_MODULES.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from .. import RunnerError
 # Runtime name -> module; imported only when asked for, so a device needs only its own runtime.
 BACKEND_MODULES = {
     "onnxruntime": "edgeft_runner.backends.onnxruntime",
+    "tflite": "edgeft_runner.backends.tflite",
+    "tensorrt": "edgeft_runner.backends.tensorrt",
 }
 
 
@@ -25,7 +27,11 @@ class Backend:
     version: str | None = None
     providers: list[str] = []
 
-    def load(self, model_path, threads: int, num_kv_heads: int | None = None, head_dim: int | None = None) -> None:
+    last_logits_only = False  # True: forward returns logits [1, 1, vocab] for the last input token only
+
+    def load(self, model_path, threads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+             options: dict | None = None) -> None:
+        """options: the manifest's runtime_options (e.g. TensorRT precision and shapes)."""
         raise NotImplementedError
 
     def empty_past(self) -> list[np.ndarray]:
@@ -38,7 +44,8 @@ class Backend:
 
 def _module(runtime: str):
     if runtime not in BACKEND_MODULES:
-        raise RunnerError(f"runtime not implemented yet on the device: {runtime}")
+        raise RunnerError(f"unknown runtime {runtime!r} in the bundle (this runner knows {', '.join(BACKEND_MODULES)}); "
+                          "rebuild the bundle with this edgeft version")
     return importlib.import_module(BACKEND_MODULES[runtime])
 
 

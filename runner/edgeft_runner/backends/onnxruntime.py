@@ -39,7 +39,8 @@ def _first_line(exc: BaseException) -> str:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def load(self, model_path, threads: int, num_kv_heads: int | None = None, head_dim: int | None = None) -> None:
+    def load(self, model_path, threads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+             options: dict | None = None) -> None:
         ort = _import_ort()
         self.version = ort.__version__
         options = ort.SessionOptions()

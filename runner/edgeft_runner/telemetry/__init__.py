@@ -1,4 +1,10 @@
-"""Background sampling of temperatures and memory while the model runs."""
+"""Background sampling while the model runs, and the one telemetry schema every runtime reports.
+
+Each sample (also written as a JSON line with --samples, for plotting) has the same keys on every
+device: t (unix s), rss_mb, ram_used_mb, temps_c {zone: C}, cpu_freq_mhz {policy: MHz},
+gpu_freq_mhz, emc_freq_mhz, power_mw {rail: mW}. What a device cannot read is null or {}; the
+summary says why.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,23 @@ import threading
 import time
 from pathlib import Path
 
-from .system import rss_mb
+from .jetson import _read_int, cpufreq_policies, gpu_devfreq_devices
+from .system import ram_used_mb, rss_mb
 from .thermal import ThermalTracker
 
 SAMPLE_INTERVAL_S = 0.2
+SCHEMA = "edgeft-telemetry/1"
+
+
+def clock_sample(sysfs_root: str | Path) -> dict:
+    """CPU policy clocks (cpufreq, kHz) and the GPU clock (devfreq, Hz), in MHz."""
+    cpu = {}
+    for policy in cpufreq_policies(sysfs_root):
+        khz = _read_int(policy / "scaling_cur_freq")
+        if khz is not None:
+            cpu[policy.name] = round(khz / 1000.0, 1)
+    gpu_hz = [hz for d in gpu_devfreq_devices(sysfs_root) if (hz := _read_int(d / "cur_freq")) is not None]
+    return {"cpu_freq_mhz": cpu, "gpu_freq_mhz": round(gpu_hz[0] / 1e6, 1) if gpu_hz else None}
 
 
 class TelemetrySampler:
@@ -21,7 +40,10 @@ class TelemetrySampler:
     """
 
     def __init__(self, sysfs_root: str | Path, samples_path: str | Path | None = None,
-                 interval_s: float = SAMPLE_INTERVAL_S):
+                 interval_s: float = SAMPLE_INTERVAL_S, tegrastats=None):
+        self.sysfs_root = sysfs_root
+        self.tegrastats = tegrastats  # a TegrastatsSampler: its latest line adds power, EMC and GR3D
+        self.records: list[dict] = []
         self.thermal = ThermalTracker(sysfs_root)
         self.samples_path = Path(samples_path) if samples_path else None
         self.interval_s = interval_s
@@ -33,7 +55,17 @@ class TelemetrySampler:
     def sample(self) -> dict:
         rss = rss_mb()
         record = {"t": round(time.time(), 3), "rss_mb": round(rss, 1) if rss is not None else None,
-                  "temps_c": self.thermal.sample()}
+                  "ram_used_mb": ram_used_mb(), "temps_c": self.thermal.sample(), **clock_sample(self.sysfs_root),
+                  "emc_freq_mhz": None, "power_mw": {}}
+        latest = self.tegrastats.latest() if self.tegrastats is not None else None
+        if latest:
+            record["power_mw"] = {rail: r["current_mw"] for rail, r in latest["power_mw"].items()}
+            record["emc_freq_mhz"] = (latest.get("emc") or {}).get("freq_mhz")
+            if record["gpu_freq_mhz"] is None:
+                record["gpu_freq_mhz"] = (latest.get("gr3d") or {}).get("freq_mhz")
+            if latest.get("ram_used_mb") is not None:
+                record["ram_used_mb"] = latest["ram_used_mb"]
+        self.records.append(record)
         self.num_samples += 1
         if self._file:
             self._file.write(json.dumps(record) + "\n")
@@ -65,3 +97,47 @@ class TelemetrySampler:
 
     def thermal_summary(self) -> dict:
         return self.thermal.summary()
+
+
+def _extreme(values, pick):
+    values = [v for v in values if v is not None]
+    return pick(values) if values else None
+
+
+def telemetry_summary(sampler: TelemetrySampler, thermal: dict, throttle: dict, peak_rss: float | None,
+                      tegrastats_reason: str | None) -> dict:
+    """The same fields for every runtime and device; an absent reading is null and `reasons` says why."""
+    records = sampler.records
+    cpu_mhz = [v for r in records for v in r["cpu_freq_mhz"].values()]
+    power_total = [sum(r["power_mw"].values()) for r in records if r["power_mw"]]
+    rails = {rail for r in records for rail in r["power_mw"]}
+    summary = {
+        "schema": SCHEMA,
+        "samples": len(records),
+        "temp_c_max": thermal.get("max_c"),
+        "cpu_freq_mhz_min": _extreme(cpu_mhz, min),
+        "cpu_freq_mhz_max": _extreme(cpu_mhz, max),
+        "gpu_freq_mhz_min": _extreme([r["gpu_freq_mhz"] for r in records], min),
+        "emc_freq_mhz_min": _extreme([r["emc_freq_mhz"] for r in records], min),
+        "power_mw_avg": round(sum(power_total) / len(power_total), 1) if power_total else None,
+        "power_rails": sorted(rails),
+        "ram_used_mb_max": _extreme([r["ram_used_mb"] for r in records], max),
+        "peak_rss_mb": peak_rss,
+        "throttled": throttle.get("throttled"),
+    }
+    reasons = {}
+    if summary["temp_c_max"] is None:
+        reasons["temp_c_max"] = thermal.get("reason") or "no thermal zones"
+    if summary["cpu_freq_mhz_min"] is None:
+        reasons["cpu_freq_mhz_min"] = f"no readable cpufreq policy under {sampler.sysfs_root}"
+    if summary["gpu_freq_mhz_min"] is None:
+        reasons["gpu_freq_mhz_min"] = "no GPU devfreq device and no GR3D clock from tegrastats"
+    for key in ("emc_freq_mhz_min", "power_mw_avg"):
+        if summary[key] is None:
+            reasons[key] = tegrastats_reason or "tegrastats reported none"
+    if summary["ram_used_mb_max"] is None:
+        reasons["ram_used_mb_max"] = "/proc/meminfo unreadable"
+    if summary["throttled"] is None:
+        reasons["throttled"] = throttle.get("reason") or "no throttle source readable"
+    summary["reasons"] = reasons
+    return summary

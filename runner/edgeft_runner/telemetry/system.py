@@ -69,6 +69,13 @@ def device_info() -> dict:
     }
 
 
+def ram_used_mb() -> float | None:
+    """System RAM in use (MemTotal - MemAvailable), what tegrastats calls RAM used."""
+    fields = _proc_fields(_read("/proc/meminfo"))
+    total, available = _kb_to_mb(fields.get("MemTotal")), _kb_to_mb(fields.get("MemAvailable"))
+    return round(total - available, 1) if total is not None and available is not None else None
+
+
 def rss_mb() -> float | None:
     """Current resident set size of this process."""
     return _kb_to_mb(_proc_fields(_read("/proc/self/status")).get("VmRSS"))

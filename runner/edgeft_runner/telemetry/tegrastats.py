@@ -220,6 +220,10 @@ class TegrastatsSampler:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
 
+    def latest(self) -> dict | None:
+        with self._lock:
+            return self.samples[-1] if self.samples else None
+
     def summary(self) -> dict:
         with self._lock:
             samples = list(self.samples)
