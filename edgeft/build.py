@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from . import pipeline
 from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir
-from .bundle import assemble
+from .bundle import MEASUREMENT_FILES, assemble
 from .config import Budgets, Profile, Target, load_profile, load_target
 from .context import BuildContext
 from .data import Splits, check_data, load_splits
@@ -38,11 +38,14 @@ class BuildOptions:
     force: bool = False
     sysfs_root: str | None = None  # the device's sysfs (tests point this at a fixture tree)
     threads: int = 2
+    adapter: str | None = None  # the finetune stage's adapter name (one adapter per customer/task on a base)
     measure: bool = True  # False: write the bundle only (`edgeft measure` gates it later, on the device)
+    adapter_dir: Path | None = None  # an `edgeft finetune` output: replaces the profile's finetune stage
 
 
-def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str) -> None:
-    """Before anything trains: the stages must end in the format and precision the runtime takes."""
+def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str, context_tokens: int | None = None) -> None:
+    """Before anything trains: the stages must end in the format and precision the runtime takes (and a
+    TFLite cache must hold the general-text chunks every stage is scored on, eval.context_tokens)."""
     exports = [s.config for s in planned if s.name == "export"]
     quantizes = [s.config for s in planned if s.name == "quantize"]
     fmt = exports[-1].format if exports else None
@@ -53,6 +56,18 @@ def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str)
     if target.runtime == "tensorrt" and quantizes and quantizes[-1].mode not in TENSORRT_PRECISIONS:
         raise ConfigError(f"{where}: TensorRT cannot run quantize mode {quantizes[-1].mode} (ONNX Runtime's own ops); "
                           f"use one of {', '.join(TENSORRT_PRECISIONS)}")
+    if fmt == "tflite" and context_tokens and exports[-1].cache_tokens < context_tokens:
+        raise ConfigError(f"{where}: export cache_tokens {exports[-1].cache_tokens} is below eval.context_tokens {context_tokens}, so the "
+                          "TFLite model's general perplexity would not compare with the other stages'; raise one or lower the other")
+
+
+def with_adapter(profile: Profile, adapter: str) -> Profile:
+    """The profile with its finetune stage training (and caching) the adapter named `adapter`."""
+    stages = [{name: ({**config, "adapter": adapter} if name == "finetune" else config)} for item in profile.stages
+              for name, config in item.items()]
+    if not any("finetune" in item for item in stages):
+        raise ConfigError(f"{profile.source}: --adapter names the finetune stage's adapter, but this profile has no finetune stage")
+    return profile.model_copy(update={"stages": stages})
 
 
 def check_model_for_runtime(final: Artifact, target: Target, where: str) -> None:
@@ -127,6 +142,7 @@ class Prepared:
     ctx: BuildContext
     out: Path
     started: float
+    adapter: Artifact | None = None  # from --adapter-dir: the stages after finetune start from it
 
 
 def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> Prepared:
@@ -140,7 +156,9 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
     torch.set_num_threads(options.threads)
     target = load_target(options.target)
     profile = load_profile(options.profile or target.default_profile)
-    check_plan(pipeline.plan(profile), target, str(profile.source))
+    if options.adapter:
+        profile = with_adapter(profile, options.adapter)
+    check_plan(pipeline.plan(profile), target, str(profile.source), profile.eval.context_tokens)
     splits = load_splits(options.data, profile.data)
     data_report = check_data(splits, profile.data)  # raises ConfigError when data.sensitive: fail finds something
     log(data_report.summary())
@@ -154,11 +172,26 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
     out = Path(options.out) if options.out else Path("build") / target.name
     base = pipeline.base_artifact(resolve_model(options.model, progress, log))
     ctx = BuildContext(base=base, splits=splits, target=target, profile=profile, out=cache_root(), progress=progress, log=log, threads=options.threads)
-    return Prepared(options, target, profile, splits, ctx, out, started)
+    adapter = None
+    if options.adapter_dir is not None:
+        from .adapter import after_finetune, load_adapter_dir
+
+        after_finetune(pipeline.plan(profile), str(profile.source))  # the profile must have a finetune stage to replace
+        adapter = load_adapter_dir(options.adapter_dir, base)
+        log(f"finetune: using the adapter in {options.adapter_dir} ({adapter.info.get('method')}, {adapter.info.get('adapter')!r}), not training")
+        if adapter.info.get("data_sha256") not in (None, splits.sha256):
+            log(f"data warning: the adapter was trained on other data ({adapter.info.get('data_path')}); accuracy is measured on {splits.source}")
+    return Prepared(options, target, profile, splits, ctx, out, started, adapter)
 
 
 def compile_model(prep: Prepared, stages: list[pipeline.PlannedStage], where: str) -> tuple[Artifact, list[pipeline.StageOutcome]]:
-    final, outcomes = pipeline.run(stages, prep.ctx, force=prep.options.force)
+    if prep.adapter is not None:  # --adapter-dir: the adapter stands in for the finetune stage (and any before it)
+        from .adapter import adapter_outcome, after_finetune
+
+        final, outcomes = pipeline.run(after_finetune(stages, where), prep.ctx, force=prep.options.force, start=prep.adapter)
+        outcomes = [adapter_outcome(prep.adapter), *outcomes]
+    else:
+        final, outcomes = pipeline.run(stages, prep.ctx, force=prep.options.force)
     check_model_for_runtime(final, prep.target, where)
     return final, outcomes
 
@@ -286,7 +319,7 @@ def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str],
         files = manifest["files"]
     except (OSError, ValueError, KeyError) as exc:
         raise BundleError(f"{bundle_dir}: not an edgeft bundle (manifest.json unreadable: {exc}); pass a dir written by `edgeft build`") from None
-    actual = hash_dir(bundle_dir, skip=("manifest.json", "report.json"))
+    actual = hash_dir(bundle_dir, skip=MEASUREMENT_FILES)
     changed = sorted(name for name in files if actual.get(name) != files[name])
     if changed:
         raise BundleError(f"{bundle_dir}: {len(changed)} file(s) differ from the manifest ({', '.join(changed[:3])}); the bundle was modified: rebuild it")

@@ -19,6 +19,8 @@ from .data import Splits, encode
 from .evaluate import max_new_tokens_for
 
 FORMAT = "edgeft-bundle/1"
+# Written by the measurement, after the manifest: not part of what the manifest vouches for.
+MEASUREMENT_FILES = ("manifest.json", "report.json", "telemetry.jsonl")
 TOOLS = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "onnxruntime", "tokenizers", "litert-torch",
          "ai-edge-quantizer", "ai-edge-litert")
 GOLDEN_ATOL = 1e-3  # the same model on another CPU: float reorderings stay far below this
@@ -96,7 +98,7 @@ def assemble(
         "measure": profile.measure.model_dump(),
         "golden": {"file": "golden.npz", "atol": TENSORRT_GOLDEN_ATOL[final.info["precision"]] if target.runtime == "tensorrt" else GOLDEN_ATOL},
         "task": {"file": "task.json", "source": str(splits.source), "split": "test", "n": len(splits.test)},
-        "files": hash_dir(out, skip=("manifest.json", "report.json")),
+        "files": hash_dir(out, skip=MEASUREMENT_FILES),
         "provenance": provenance,
         "profile": profile.model_dump(mode="json"),
         "tools": tool_versions(),

@@ -60,6 +60,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     Quick start (the built-in demo, measured on this machine):
       edgeft build --target rpi5
     \b
+    Fine-tune alone (on many GPUs: accelerate launch -m edgeft.cli finetune ...):
+      edgeft finetune --model ./my-llama --data train.jsonl --out adapters/a
+    \b
     On a lab device over SSH (see hil/lab.yaml):
       edgeft build --target rpi5 --device rpi5-lab-1
     """
@@ -79,10 +82,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--threads", default=2, show_default=True, help="Host CPU threads for training and export.")
 @click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
 @click.option("--search", "do_search", is_flag=True, help="Build and measure every candidate (the profile's search: section, or fp32/int8/int4/pruned), keep the most accurate one within budget.")
+@click.option("--adapter", help="Name of the adapter to train and ship (e.g. one per customer or task on the same base); each is cached and merged on its own. Default: the profile's (\"default\").")
+@click.option("--adapter-dir", type=click.Path(path_type=Path), help="Start from this adapter (written by `edgeft finetune`, e.g. on many GPUs) instead of running the profile's finetune stage.")
 @click.option("--no-measure", is_flag=True, help="Write the bundle without measuring it (e.g. a Jetson bundle built on a host without TensorRT); measure it later with `edgeft measure`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
-def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, do_search, no_measure, as_json, quiet):
+def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, no_measure, as_json, quiet):
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
@@ -95,6 +100,8 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
       edgeft build -t rpi5 -p arm-int4 --json > report.json
       edgeft build -t rpi5 --search --device rpi5-lab-1   # most accurate candidate within budget
       edgeft build -t jetson-orin --no-measure && edgeft measure build/jetson-orin -d orin-lab-1
+      edgeft build -t rpi5 --data acme.jsonl --adapter acme --out build/acme   # one adapter per customer
+      edgeft build -t rpi5 --model ./my-llama --data train.jsonl --adapter-dir adapters/a   # from `edgeft finetune`
     """
     from .build import BuildOptions
     from .build import build as run_build
@@ -103,8 +110,10 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
     options = BuildOptions(
         target=target, profile=profile, model=model, data=data, device=device, lab=lab, out=out,
         trust_new_host_key=trust_new_host_key, force=force, sysfs_root=sysfs_root, threads=threads,
-        measure=not no_measure,
+        measure=not no_measure, adapter=adapter, adapter_dir=adapter_dir,
     )
+    if adapter and adapter_dir:
+        raise click.UsageError("--adapter names the adapter to train; an --adapter-dir adapter has its name already (edgeft finetune --adapter)")
     if do_search and no_measure:
         raise click.UsageError("--search measures every candidate; it cannot be combined with --no-measure")
     if do_search:
@@ -206,6 +215,50 @@ def measure(bundle, device, lab, trust_new_host_key, report_path, sysfs_root, as
     if not quiet:
         _print_report(report, f"{bundle} on {device}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
+
+
+@main.command()
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Adapter directory to write (replaced whole, atomically).")
+@click.option("--model", type=click.Path(path_type=Path), help="Local Hugging Face causal-LM dir. Default: the built-in demo model.")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset, as for `edgeft build`. Default: the demo task.")
+@click.option("--profile", "-p", default="arm-int8", show_default=True, help="Profile name or YAML path whose finetune stage (and data: section) is used.")
+@click.option("--adapter", help="Adapter name (overrides the profile's finetune.adapter).")
+@click.option("--threads", default=2, show_default=True, help="Host CPU threads per process.")
+@click.option("--force", is_flag=True, help="Start from scratch instead of resuming this run's last checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the adapter's artifact (metrics, hashes) as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
+def finetune(out, model, data, profile, adapter, threads, force, as_json, quiet):
+    """Run only the profile's finetune stage and write the adapter to --out.
+
+    Runs unchanged on many GPUs or processes: every process trains (data parallel), rank 0 alone
+    evaluates and writes --out. Build from the adapter afterwards with `edgeft build --adapter-dir`.
+
+    \b
+    Examples:
+      edgeft finetune --model ./my-llama --data train.jsonl --out adapters/support
+      accelerate launch --num_processes 2 -m edgeft.cli finetune --model ./my-llama --data train.jsonl --out adapters/support
+      torchrun --nproc_per_node 2 -m edgeft.cli finetune --model ./my-llama --data train.jsonl --out adapters/support
+      edgeft build -t rpi5 --model ./my-llama --data train.jsonl --adapter-dir adapters/support
+    """
+    from .adapter import FinetuneOptions, process_rank
+    from .adapter import finetune as run_finetune
+
+    lead = process_rank() == 0  # the other processes of a multi-process run train silently
+    options = FinetuneOptions(out=out, model=model, data=data, profile=profile, adapter=adapter, threads=threads, force=force)
+    with _progress(lead and not quiet) as progress:
+        artifact = run_finetune(options, progress=progress, log=_logger(quiet or not lead))
+    if artifact is None:
+        return
+    if as_json:
+        click.echo(json.dumps({"path": str(artifact.path), "kind": artifact.kind, "sha256": artifact.sha256, "metrics": artifact.metrics,
+                               "info": artifact.info, "files": artifact.files}, indent=2, default=str))
+    if not quiet:
+        m = artifact.metrics
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        console.print(f"adapter {artifact.info.get('adapter')!r} ({artifact.info.get('method')}): train loss {fmt(m.get('train_loss'))}, "
+                      f"val loss {fmt(m.get('val_loss'))}, exact match {fmt(m.get('accuracy_base'))} → {fmt(m.get('accuracy'))}, "
+                      f"{m.get('train_steps')} steps in {m.get('train_s')} s\n"
+                      f"[bold green]written[/]  {artifact.path}", soft_wrap=True)
 
 
 def _search_table(result: dict) -> None:
@@ -360,6 +413,41 @@ def profiles():
       edgeft build --target rpi5 --profile arm-int4
     """
     _list("profiles")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def adapters(as_json):
+    """List the trained adapters in the build cache: name, base and data they belong to, accuracy.
+
+    Every `edgeft build --adapter NAME` (or finetune stage) stores its adapter there, keyed by base,
+    data and config; a build with the same inputs reuses it, and each merges on its own.
+
+    \b
+    Example:
+      edgeft build -t rpi5 --data acme.jsonl --adapter acme
+      edgeft build -t rpi5 --data globex.jsonl --adapter globex
+      edgeft adapters
+    """
+    from .artifact import cache_root
+
+    rows = []
+    for meta_path in sorted((cache_root() / "artifacts").glob("finetune-*/artifact.json")):
+        meta = json.loads(meta_path.read_text())
+        card_path = meta_path.parent / "adapter" / "edgeft_adapter.json"
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        rows.append({"name": meta["info"].get("adapter", "default"), "method": meta["info"].get("method"),
+                     "base_sha256": meta["info"].get("base_sha256"), "data_sha256": card.get("data_sha256"),
+                     "accuracy": meta["metrics"].get("accuracy"), "path": str(meta_path.parent / "adapter")})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no adapters in {cache_root() / 'artifacts'}; train one with edgeft build --adapter NAME")
+    for row in rows:
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        click.echo(f"{row['name']:16} {row['method'] or '?':6} base {str(row['base_sha256'])[:12]}  "
+                   f"data {str(row['data_sha256'])[:12]}  exact match {accuracy}  {row['path']}")
 
 
 def _list(kind: str) -> None:

@@ -86,6 +86,7 @@ class EvalConfig(Strict):
 
     metrics: list[str] = ["exact_match", "perplexity"]  # of edgeft.metrics.METRICS; exact_match is always measured
     general_text: Path | None = None  # plain text, one document a line, for the forgetting check; None: the shipped one
+    context_tokens: int = Field(128, ge=2)  # general text is scored in chunks of this many tokens (at most the model's positions)
 
     @field_validator("metrics")
     @classmethod

@@ -81,12 +81,12 @@ def generate(backend, tokenizer, examples: list[Example], max_new_tokens: int) -
 
 def evaluate_backend(backend, tokenizer, examples: list[Example], metrics=("exact_match",), general_texts=None,
                      perplexity_examples: list[Example] | None = None, max_new_tokens: int | None = None,
-                     max_positions: int | None = None) -> dict[str, float | None]:
+                     max_positions: int | None = None, context_tokens: int | None = None) -> dict[str, float | None]:
     """edgeft.evaluate.evaluate_model for an exported model: the same metrics, the same definitions, run
     through the runner backend (greedy_generate for generations, completion_logprobs for perplexity).
-    General-text chunks are capped at max_positions and, for TFLite, at the model's KV cache."""
+    General text is scored in chunks of context_tokens, capped at max_positions and (TFLite) the KV cache."""
     from . import metrics as M
-    from .evaluate import MAX_CHUNK_TOKENS, max_new_tokens_for, text_rows
+    from .evaluate import CONTEXT_TOKENS, max_new_tokens_for, text_rows
 
     unknown = sorted(set(metrics) - set(M.METRICS))
     if unknown:
@@ -106,9 +106,10 @@ def evaluate_backend(backend, tokenizer, examples: list[Example], metrics=("exac
         logprobs = [completion_logprobs(backend, p, c) for p, c in encode_many(tokenizer, ppl_examples)]
         results["perplexity"] = M.perplexity(np.concatenate(logprobs)) if logprobs else None
     if general_texts:
-        limit = min(max_positions or MAX_CHUNK_TOKENS, MAX_CHUNK_TOKENS, getattr(backend, "cache_len", MAX_CHUNK_TOKENS))
-        rows = text_rows(tokenizer, general_texts, limit)
-        results["general_perplexity"] = M.perplexity(np.concatenate([completion_logprobs(backend, r[:1], r[1:]) for r in rows]))
+        context_tokens = context_tokens or CONTEXT_TOKENS
+        limit = min(max_positions or context_tokens, context_tokens, getattr(backend, "cache_len", context_tokens))
+        logprobs = [completion_logprobs(backend, ids[:1], ids[1:])[np.asarray(scored[1:])] for ids, scored in text_rows(tokenizer, general_texts, limit)]
+        results["general_perplexity"] = M.perplexity(np.concatenate(logprobs))
     order = [*M.METRICS, "general_perplexity"]
     return {name: results[name] for name in order if name in results}
 
@@ -119,7 +120,7 @@ def stage_eval(backend, tokenizer, ctx, max_positions: int | None = None) -> dic
 
     plan = eval_plan(ctx)
     return finish(evaluate_backend(backend, tokenizer, plan.test, plan.metrics, plan.general, perplexity_examples=plan.val,
-                                   max_positions=max_positions))
+                                   max_positions=max_positions, context_tokens=plan.context_tokens))
 
 
 def exact_match(backend, tokenizer, examples: list[Example], max_new_tokens: int) -> float:

@@ -79,11 +79,11 @@ def stage_key(stage: PlannedStage, source: Artifact, data_sha256: str, evaluatio
     )
 
 
-def run(stages: list[PlannedStage], ctx: BuildContext, force: bool = False) -> tuple[Artifact, list[StageOutcome]]:
-    """Run `stages` from ctx.base; returns the last artifact and what each stage did."""
+def run(stages: list[PlannedStage], ctx: BuildContext, force: bool = False, start: Artifact | None = None) -> tuple[Artifact, list[StageOutcome]]:
+    """Run `stages` from `start` (default ctx.base); returns the last artifact and what each stage did."""
     from .evaluate import eval_identity
 
-    current = ctx.base
+    current = start or ctx.base
     outcomes = []
     evaluation = eval_identity(ctx.profile.eval)
     for stage in stages:

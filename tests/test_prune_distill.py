@@ -30,7 +30,7 @@ def _full_finetune(base: Path, out: Path, splits, epochs: float, lr: float, batc
     torch.manual_seed(0)
     tokenizer = load_tokenizer(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    rows = _features(tokenizer, splits.train, 256, "demo")
+    rows = _features(tokenizer, splits.train, 256, splits.config).rows
     loader = torch.utils.data.DataLoader(
         rows, batch_size=batch_size, shuffle=True, collate_fn=_Collator(tokenizer.pad_token_id), generator=torch.Generator().manual_seed(0)
     )

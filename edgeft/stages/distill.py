@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..artifact import Artifact, digest_of, hash_dir
 from ..context import BuildContext
 from ..errors import ModelError
-from ..evaluate import exact_match
+from ..evaluate import exact_match, stage_eval
 from .finetune import _Collator, _features, load_tokenizer
 from .prune import count_params
 
@@ -163,7 +163,7 @@ def run(model: Artifact, config: DistillConfig, ctx: BuildContext) -> Artifact:
         ctx.progress.remove_task(task)
 
     student.eval()
-    accuracy = exact_match(student, tokenizer, test, progress=ctx.progress, label="evaluate distilled")
+    evaluation = stage_eval(student, tokenizer, ctx, label="evaluate distilled")
     student.save_pretrained(ctx.out)
     tokenizer.save_pretrained(ctx.out)
     (ctx.out / "train_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in log))
@@ -173,7 +173,8 @@ def run(model: Artifact, config: DistillConfig, ctx: BuildContext) -> Artifact:
         stage="distill",
         key="",
         metrics={
-            "accuracy": accuracy,
+            "accuracy": evaluation["exact_match"],
+            "eval": evaluation,
             "teacher_accuracy": teacher_accuracy,
             "params": count_params(student),
             "teacher_params": count_params(teacher),

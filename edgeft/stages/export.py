@@ -158,13 +158,16 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
         if not max_abs_diff <= config.atol:
             raise ModelError(f"ONNX export differs from PyTorch by {max_abs_diff:.3g} (tolerance {config.atol:g}); the exporter mis-traced this model")
         info = {"format": "onnx", "opset": config.opset}
+    # The exported fp32 model through the runner's backend: the profile's eval metrics (edgeft.lm.stage_eval)
+    backend = lm.load(target_file, threads=ctx.threads, options={"pad_token_id": tokenizer.pad_token_id})
+    evaluation = lm.stage_eval(backend, tokenizer, ctx, max_positions=shape["max_positions"])
     tokenizer.save_pretrained(ctx.out / "tokenizer")
     return Artifact(
         path=ctx.out,
         kind=config.format,
         stage="export",
         key="",
-        metrics={"export_max_abs_diff": max_abs_diff, "export_atol": config.atol},
+        metrics={"accuracy": evaluation["exact_match"], "eval": evaluation, "export_max_abs_diff": max_abs_diff, "export_atol": config.atol},
         info={"precision": "fp32", **info, "eos_token_id": tokenizer.eos_token_id,
               "pad_token_id": tokenizer.pad_token_id, **shape},
     )

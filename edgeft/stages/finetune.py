@@ -13,6 +13,7 @@ Reports task accuracy of the base and of base+adapter on the test split.
 from __future__ import annotations
 
 import json
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +22,7 @@ from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import DataConfig, training_rows
 from ..errors import ModelError
-from ..evaluate import exact_match
+from ..evaluate import stage_eval
 
 
 class FinetuneConfig(BaseModel):
@@ -144,7 +145,8 @@ def checkpoint_root(stage_key: str):
 
 
 def last_complete_checkpoint(root) -> str | None:
-    """The newest checkpoint-N holding trainer state and adapter weights (a kill mid-save leaves a partial one)."""
+    """The newest complete checkpoint-N. The Trainer writes trainer_state.json last (after weights,
+    optimizer, scheduler and RNG state), so a kill mid-save leaves a checkpoint without it: skipped."""
     candidates = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     for candidate in reversed(candidates):
         if (candidate / "trainer_state.json").is_file() and any(candidate.glob("adapter_model.*")) and any(
@@ -220,7 +222,6 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
 
     set_seed(config.seed)
     tokenizer = load_tokenizer(model.path)
-    test = ctx.splits.test
 
     max_positions = _max_positions(model.path)
     if max_positions is not None and config.max_length > max_positions:
@@ -231,9 +232,12 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     if truncated:
         ctx.log(f"finetune: {truncated} of {len(train)} training examples truncated to max_length")
 
-    base_fp32 = load_base(model.path, config.model_copy(update={"method": "lora", "base_dtype": "float32"}))
-    accuracy_base = exact_match(base_fp32, tokenizer, test, progress=ctx.progress, label="evaluate base")
-    del base_fp32
+    accuracy_base, eval_base = None, None  # evaluated by rank 0 alone; the other processes of a multi-process run go on to train
+    if int(os.environ.get("RANK", "0")) == 0:
+        base_fp32 = load_base(model.path, config.model_copy(update={"method": "lora", "base_dtype": "float32"}))
+        eval_base = stage_eval(base_fp32, tokenizer, ctx, label="evaluate base")
+        accuracy_base = eval_base["exact_match"]
+        del base_fp32
 
     base = load_base(model.path, config)
     lora = LoraConfig(
@@ -246,7 +250,8 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     peft_model = get_peft_model(base, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
-    checkpoints = checkpoint_root(ctx.stage_key or "adhoc")
+    # Without a stage key (called outside the pipeline) there is no identity to resume by: train afresh.
+    checkpoints = checkpoint_root(ctx.stage_key) if ctx.stage_key else ctx.out / "checkpoints"
     if ctx.force:
         shutil.rmtree(checkpoints, ignore_errors=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -255,7 +260,7 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
         ctx.log(f"finetune: resuming an interrupted run from {resume_from}")
     log_path = checkpoints / "train_log.jsonl"
 
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     steps = math.ceil(len(train) / (config.batch_size * world * config.gradient_accumulation_steps) * config.epochs)
     evaluate_each = {"eval_strategy": "steps", "eval_steps": config.eval_steps} if config.eval_steps else {"eval_strategy": "epoch"}
     args = TrainingArguments(
@@ -273,6 +278,7 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
         bf16=config.resolved_dtype() == "bfloat16",
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,  # CPU processes under accelerate/torchrun
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search would only cost time
         logging_steps=10,
         **(evaluate_each if val else {"eval_strategy": "no"}),
         save_strategy="steps",
@@ -307,9 +313,11 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     if not trainer.is_world_process_zero():
         return None  # other processes of a multi-process run: rank 0 writes the artifact
 
-    accuracy = exact_match(peft_model, tokenizer, test, progress=ctx.progress, label="evaluate finetuned")
+    evaluation = stage_eval(peft_model, tokenizer, ctx, label="evaluate finetuned")
+    accuracy = evaluation["exact_match"]
     adapter_dir = ctx.out / "adapter"
     peft_model.save_pretrained(adapter_dir)
+    _sort_target_modules(adapter_dir / "adapter_config.json")
     tokenizer.save_pretrained(adapter_dir)
     (adapter_dir / "edgeft_adapter.json").write_text(json.dumps(
         {"name": config.adapter, "base_sha256": ctx.base.sha256, "data_sha256": ctx.splits.sha256, "method": config.method}, indent=2))
@@ -324,6 +332,8 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
         metrics={
             "accuracy_base": accuracy_base,
             "accuracy": accuracy,
+            "eval_base": eval_base,
+            "eval": evaluation,
             "train_loss": round(result.training_loss, 4),
             "val_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
             "train_steps": result.global_step,
@@ -335,6 +345,14 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
         info={"method": config.method, "adapter": config.adapter, "base_sha256": ctx.base.sha256,
               "torch_threads": torch.get_num_threads()},
     )
+
+
+def _sort_target_modules(config_path) -> None:
+    """peft writes target_modules from a set, in a different order each run; sorted, equal adapters hash equal."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _max_positions(model_dir) -> int | None:

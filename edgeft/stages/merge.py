@@ -12,7 +12,7 @@ from ..artifact import Artifact, hash_dir
 from ..context import BuildContext
 from ..data import encode
 from ..errors import ModelError
-from ..evaluate import exact_match
+from ..evaluate import stage_eval
 from .finetune import load_tokenizer
 
 
@@ -60,7 +60,7 @@ def run(model: Artifact, config: MergeConfig, ctx: BuildContext) -> Artifact:
             f"merged model differs from base+adapter by {max_abs_diff:.3g} (tolerance {config.atol:g}); "
             f"the adapter at {model.path / 'adapter'} may be corrupt: re-run finetune with --force"
         )
-    accuracy = exact_match(merged, tokenizer, ctx.splits.test, progress=ctx.progress, label="evaluate merged")
+    evaluation = stage_eval(merged, tokenizer, ctx, label="evaluate merged")
     merged.save_pretrained(ctx.out)
     tokenizer.save_pretrained(ctx.out)
     return Artifact(
@@ -68,6 +68,6 @@ def run(model: Artifact, config: MergeConfig, ctx: BuildContext) -> Artifact:
         kind="hf-model",
         stage="merge",
         key="",
-        metrics={"accuracy": accuracy, "merge_max_abs_diff": max_abs_diff, "merge_atol": config.atol},
+        metrics={"accuracy": evaluation["exact_match"], "eval": evaluation, "merge_max_abs_diff": max_abs_diff, "merge_atol": config.atol},
         info={"adapter_sha256": model.sha256, "adapter": model.info.get("adapter", "default"), "base_sha256": ctx.base.sha256},
     )

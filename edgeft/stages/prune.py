@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..artifact import Artifact
 from ..context import BuildContext
 from ..errors import ModelError
-from ..evaluate import exact_match
+from ..evaluate import stage_eval
 from .finetune import _Collator, _features, load_tokenizer
 
 # Decoder-only models laid out like Llama (q/k/v/o_proj, gate/up/down_proj, rotary, no per-head weights
@@ -198,7 +198,7 @@ def run(model: Artifact, config: PruneConfig, ctx: BuildContext) -> Artifact:
     params_before, params_after = count_params(source), count_params(pruned)
     del source, scores
 
-    accuracy = exact_match(pruned, tokenizer, ctx.splits.test, progress=ctx.progress, label="evaluate pruned")
+    evaluation = stage_eval(pruned, tokenizer, ctx, label="evaluate pruned")
     pruned.save_pretrained(ctx.out)
     tokenizer.save_pretrained(ctx.out)
     return Artifact(
@@ -210,7 +210,8 @@ def run(model: Artifact, config: PruneConfig, ctx: BuildContext) -> Artifact:
             "params_before": params_before,
             "params_after": params_after,
             "param_ratio": round(params_after / params_before, 4),
-            "accuracy": accuracy,
+            "accuracy": evaluation["exact_match"],
+            "eval": evaluation,
         },
         info={
             "pruned": {"mlp_ratio": config.mlp_ratio, "head_ratio": config.head_ratio, "layers": sorted(set(config.layers))},

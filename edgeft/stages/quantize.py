@@ -23,7 +23,6 @@ from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import encode
 from ..errors import ConfigError, ModelError
-from ..evaluate import max_new_tokens_for
 
 # Share of completion positions whose argmax must match the fp32 model, per precision.
 DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "int8-dynamic": 0.95, "int8-weight": 0.95, "int8-static": 0.9,
@@ -149,12 +148,12 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
             f"{config.mode} model picks the fp32 model's next token at only {agreement:.1%} of completion positions "
             f"(tolerance {needed:.0%}); try per_channel: true, a smaller block_size, or a wider precision"
         )
-    accuracy = lm.exact_match(quantized, tokenizer, ctx.splits.test, max_new_tokens_for(tokenizer, ctx.splits.test))
+    evaluation = lm.stage_eval(quantized, tokenizer, ctx, max_positions=model.info.get("max_positions"))
     return Artifact(
         path=ctx.out,
         kind=model.kind,
         stage="quantize",
         key="",
-        metrics={"accuracy": accuracy, "top1_agreement": round(agreement, 4), "max_abs_diff_vs_fp32": round(max_abs_diff, 4)},
+        metrics={"accuracy": evaluation["exact_match"], "eval": evaluation, "top1_agreement": round(agreement, 4), "max_abs_diff_vs_fp32": round(max_abs_diff, 4)},
         info={**model.info, "precision": PRECISION[config.mode]},
     )
