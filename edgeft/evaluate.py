@@ -225,11 +225,7 @@ def evaluate_model(model, tokenizer, examples: list[Example], metrics: Sequence[
         if generating:
             generated = generate(model, tokenizer, examples, batch_size, progress, task)
             references = [c for _, c in encode_many(tokenizer, examples)]
-            results["exact_match"] = M.exact_match(generated, references)
-            text_wanted = [m for m in M.TEXT_METRICS if m in metrics]
-            if text_wanted:
-                decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-                results.update(M.text_metrics(text_wanted, [decode(g) for g in generated], [decode(r) for r in references]))
+            results.update(M.generation_metrics(metrics, generated, references, tokenizer))
         if "perplexity" in metrics:
             results["perplexity"] = M.perplexity_from_nll(*teacher_forced_nll(model, ppl_rows, pad_id, progress=progress, task=task)) if ppl_rows else None
         if general_rows:

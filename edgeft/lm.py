@@ -95,12 +95,7 @@ def evaluate_backend(backend, tokenizer, examples: list[Example], metrics=("exac
     if any(m in metrics for m in ("exact_match", *M.TEXT_METRICS)):
         generated = generate(backend, tokenizer, examples, max_new_tokens or max_new_tokens_for(tokenizer, examples))
         references = [c for _, c in encode_many(tokenizer, examples)]
-        if "exact_match" in metrics:
-            results["exact_match"] = M.exact_match(generated, references)
-        text_wanted = [m for m in M.TEXT_METRICS if m in metrics]
-        if text_wanted:
-            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-            results.update(M.text_metrics(text_wanted, [decode(g) for g in generated], [decode(r) for r in references]))
+        results.update(M.generation_metrics(metrics, generated, references, tokenizer))
     if "perplexity" in metrics:
         ppl_examples = perplexity_examples if perplexity_examples is not None else examples
         logprobs = [completion_logprobs(backend, p, c) for p, c in encode_many(tokenizer, ppl_examples)]

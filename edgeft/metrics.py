@@ -104,6 +104,17 @@ def text_metrics(names: Iterable[str], predictions: Sequence[str], references: S
     return {name: functions[name](predictions, references) for name in names if name in functions}
 
 
+def generation_metrics(names: Iterable[str], generated: Sequence[list[int]], references: Sequence[list[int]],
+                       tokenizer) -> dict[str, float]:
+    """exact_match on token ids (always), plus the text metrics in `names` on the decoded strings."""
+    results = {"exact_match": exact_match(generated, references)}
+    wanted = [m for m in TEXT_METRICS if m in names]
+    if wanted:
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        results.update(text_metrics(wanted, [decode(g) for g in generated], [decode(r) for r in references]))
+    return results
+
+
 def _check(predictions: Sequence, references: Sequence) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")

@@ -35,7 +35,7 @@ def test_tflite_build_over_ssh_runs_on_litert_and_keeps_accuracy(tflite_build, d
     # the same fine-tuned model as the ONNX build; dynamic-range int8 keeps task accuracy within 3 points
     assert acc["merged"] == demo_build["report"]["accuracy"]["merged"]
     assert acc["device"] >= acc["merged"] - 0.03 and acc["device"] >= 0.9
-    assert acc["device"] == pytest.approx(acc["quantized"])  # the device ran what the host validated
+    assert acc["device"] == pytest.approx(acc["quantized"], abs=1e-4)  # the device ran what the host validated (report rounds to 4 places)
     lat = report["latency_ms"]
     assert 0 < lat["p50"] <= lat["p99"] and lat["n"] >= 30 and report["decode_tokens_per_s"] > 0
     assert report["smoke"]["passed"] and report["smoke"]["max_abs_diff"] <= 1e-3

@@ -334,7 +334,8 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
             "accuracy": accuracy,
             "eval_base": eval_base,
             "eval": evaluation,
-            "train_loss": round(result.training_loss, 4),
+            # the last logged training loss: Trainer's own average covers only the steps since a resume
+            "train_loss": round(next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), result.training_loss), 4),
             "val_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
             "train_steps": result.global_step,
             "train_s": round(result.metrics.get("train_runtime", 0.0), 1),
