@@ -228,6 +228,11 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
         "adapter": next((o.info.get("adapter", "default") for o in outcomes if o.name == "finetune"), None),
         "stages": [{"name": o.name, "key": o.key, "sha256": o.sha256, "metrics": o.metrics} for o in outcomes],
     }
+    finetune = next((o for o in outcomes if o.name == "finetune"), None)
+    if finetune is not None:  # the fine-tuning curve travels with the model it made (plot-ready JSON lines)
+        stage_dir = prep.adapter.path if prep.adapter is not None else cache_root() / "artifacts" / f"finetune-{finetune.key[:24]}"
+        if (stage_dir / "train_log.jsonl").is_file():
+            shutil.copyfile(stage_dir / "train_log.jsonl", bundle_dir / "train_log.jsonl")
     manifest = assemble(bundle_dir, final, splits, prep.target, prep.profile, provenance)
     if not prep.options.measure:
         model_bytes = sum(p.stat().st_size for p in bundle_dir.glob(f"{manifest['model']['file']}*"))

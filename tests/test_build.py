@@ -43,6 +43,10 @@ def test_bundle_is_complete_and_verified(demo_build):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"] == hash_dir(out, skip=("manifest.json", "report.json", "telemetry.jsonl"))
     assert (out / "telemetry.jsonl").stat().st_size > 0  # the measurement's samples, kept beside the report
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = [e for e in log if "eval_loss" in e]
+    assert len(evals) == 4 and all(0 <= e["eval_exact_match"] <= 1 for e in evals)  # one eval per epoch
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["eval_exact_match"] > 0.8
     assert set(manifest["files"]) >= {"model.onnx", "golden.npz", "task.json", "tokenizer/tokenizer.json"}
     for tool in ("torch", "transformers", "peft", "onnxruntime", "edgeft"):
         assert manifest["tools"][tool], tool

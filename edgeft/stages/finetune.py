@@ -170,22 +170,34 @@ def _callbacks(progress, total_steps: int, log_path, tokenizer, val_examples, pa
         def on_train_begin(self, args, state, control, **kwargs):
             self.task = progress.add_task("finetune", total=total_steps) if progress and state.is_world_process_zero else None
 
+        def _write(self, entry: dict) -> None:
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(_json.dumps(entry) + "\n")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not (logs and state.is_world_process_zero):
                 return
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(_json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-            if self.task is not None:
-                parts = [f"loss {logs['loss']:.3f}"] if "loss" in logs else []
-                parts += [f"val {logs['eval_loss']:.3f}"] if "eval_loss" in logs else []
-                if parts:
-                    progress.update(self.task, description=f"finetune ({', '.join(parts)})")
+            entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+            if "eval_loss" in logs:  # written by on_evaluate, which follows, with the task metric added
+                self.pending_eval = entry
+                return
+            self._write(entry)
+            if self.task is not None and "loss" in logs:
+                progress.update(self.task, description=f"finetune (loss {logs['loss']:.3f})")
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-            if val_examples and model is not None and state.is_world_process_zero:
-                metrics["eval_exact_match"] = round(_exact_match(model, tokenizer, val_examples), 4)
-                model.train()
-            loss = (metrics or {}).get("eval_loss")
+            metrics = metrics if metrics is not None else {}
+            if state.is_world_process_zero:
+                entry = getattr(self, "pending_eval", None) or {"step": state.global_step, "epoch": state.epoch, **metrics}
+                self.pending_eval = None
+                if val_examples and model is not None:
+                    entry["eval_exact_match"] = metrics["eval_exact_match"] = round(_exact_match(model, tokenizer, val_examples), 4)
+                    model.train()
+                self._write(entry)
+                if self.task is not None and "eval_loss" in entry:
+                    shown = f"val loss {entry['eval_loss']:.3f}" + (f", val exact match {entry['eval_exact_match']:.2f}" if "eval_exact_match" in entry else "")
+                    progress.update(self.task, description=f"finetune ({shown})")
+            loss = metrics.get("eval_loss")
             if patience and loss is not None:
                 if loss < self.best_loss - 1e-4:
                     self.best_loss, self.evals_without_gain = loss, 0
