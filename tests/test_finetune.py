@@ -151,3 +151,15 @@ def test_merge_refuses_a_tampered_adapter(small, cache_dir, demo_build, tmp_path
                        profile=load_profile("arm-int8"), out=tmp_path / "merged")
     with pytest.raises(ModelError, match="adapter files differ from the sha256 recorded.*tampered"):
         merge.run(Artifact.load(tampered), merge.MergeConfig(), ctx)
+
+
+def test_early_stopping_ends_training_when_validation_loss_stalls(small, run_edgeft, tmp_path):
+    # lr 1e-9: the validation loss cannot improve, so with patience 2 training stops at the third eval
+    # (steps 5, 10, 15) instead of running its 40 planned steps.
+    profile = tmp_path / "stall.yaml"
+    profile.write_text(SMALL_PROFILE.replace("lr: 0.005, save_steps: 10", "lr: 1.0e-9, save_steps: 100, eval_steps: 5, early_stopping_patience: 2"))
+    result = run_edgeft("build", "-t", "rpi5", "-p", profile, "--data", small / "a.jsonl", "--out", tmp_path / "out",
+                        "--no-measure", "--json", "-q")
+    assert result.returncode == 0, result.stderr[-2000:]
+    finetune = next(s for s in json.loads(result.stdout)["stages"] if s["name"] == "finetune")
+    assert finetune["metrics"]["train_steps"] == 15
