@@ -69,14 +69,36 @@ def runner_p50(bundle: Path, threads: int) -> float:
         return json.loads(Path(f"{tmp}/r.json").read_text())["latency_ms"]["p50"]
 
 
+def measure_precisions(paths: dict, prompt, threads: int, min_iters: int, options: dict | None = None) -> dict:
+    """Each model file through the runner's backend: size, prompt p50 (ms), decode tokens/s (32 steps)."""
+    from edgeft import lm
+    from edgeft_runner.measure import first_token_and_decode, summarize_ms, time_repeated
+
+    results = {}
+    for name, path in paths.items():
+        backend = lm.load(path, threads=threads, options=options)
+        _, samples = time_repeated(lambda: backend.forward(prompt, backend.empty_past()), 0.5, 2.0, min_iters)
+        decode = first_token_and_decode(backend, prompt, 32, 5)
+        results[name] = {"size": path.stat().st_size, "p50": summarize_ms(samples)["p50"], "tok_s": decode["decode_tokens_per_s"]}
+    return results
+
+
+def print_precision_table(results: dict, indent: str) -> None:
+    """Absolute figures and ratios vs results["fp32"] of the same run."""
+    base = results["fp32"]
+    print(f"{indent}{'precision':13} {'size MB':>8} {'size x':>7} {'p50 ms':>8} {'p50 x':>6} {'tok/s':>8} {'tok/s x':>8}")
+    for name, r in results.items():
+        print(f"{indent}{name:13} {r['size'] / 1e6:8.1f} {r['size'] / base['size']:7.2f} {r['p50']:8.2f} {r['p50'] / base['p50']:6.2f} "
+              f"{r['tok_s']:8.0f} {r['tok_s'] / base['tok_s']:8.2f}")
+
+
 def big_model_quantization(threads: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgeft import lm
     from edgeft.stages.export import export_onnx
     from edgeft.stages.quantize import QuantizeConfig, quantize
-    from edgeft_runner.measure import first_token_and_decode, prompt_ids, summarize_ms, time_repeated
+    from edgeft_runner.measure import prompt_ids
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -91,18 +113,9 @@ def big_model_quantization(threads: int) -> None:
         for mode, name in (("int8-dynamic", "int8"), ("int8-static", "int8-static"), ("int4-weight", "int4")):
             paths[name] = Path(tmp) / f"{name}.onnx"
             quantize(fp32, paths[name], QuantizeConfig(mode=mode), calibration_rows)
-        results = {}
-        prompt = prompt_ids(64, config.vocab_size)
-        for name, path in paths.items():
-            backend = lm.load(path, threads=threads)
-            _, samples = time_repeated(lambda: backend.forward(prompt, backend.empty_past()), 0.5, 2.0, 30)
-            decode = first_token_and_decode(backend, prompt, 32, 5)
-            results[name] = {"size": path.stat().st_size, "p50": summarize_ms(samples)["p50"], "tok_s": decode["decode_tokens_per_s"]}
-    base = results["fp32"]
+        results = measure_precisions(paths, prompt_ids(64, config.vocab_size), threads, min_iters=30)
     print(f"\n[4] random Llama, {params / 1e6:.1f}M params, prefill 64 tokens, decode 32, {threads} thread(s)")
-    print(f"    {'precision':11} {'size MB':>8} {'size x':>7} {'p50 ms':>8} {'p50 x':>6} {'tok/s':>8} {'tok/s x':>8}")
-    for name, r in results.items():
-        print(f"    {name:11} {r['size'] / 1e6:8.1f} {r['size'] / base['size']:7.2f} {r['p50']:8.2f} {r['p50'] / base['p50']:6.2f} {r['tok_s']:8.0f} {r['tok_s'] / base['tok_s']:8.2f}")
+    print_precision_table(results, indent="    ")
 
 
 def main() -> None:

@@ -26,9 +26,10 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgeft import lm, tflite
+    from bench_build import measure_precisions, print_precision_table  # bench/ is on sys.path when run as a script
+    from edgeft import tflite
     from edgeft.demo.base import demo_base_dir
-    from edgeft_runner.measure import first_token_and_decode, prompt_ids, summarize_ms, time_repeated
+    from edgeft_runner.measure import prompt_ids
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -48,20 +49,10 @@ def main() -> None:
             paths[mode] = Path(tmp) / f"{mode}.tflite"
             tflite.quantize(paths["fp32"], paths[mode], mode, calibration)
 
-        prompt = prompt_ids(64, config.vocab_size)
-        results = {}
-        for name, path in paths.items():
-            backend = lm.load(path, threads=args.threads, options={"pad_token_id": 0})
-            _, samples = time_repeated(lambda: backend.forward(prompt, backend.empty_past()), 0.5, 2.0, 20)
-            decode = first_token_and_decode(backend, prompt, 32, 5)
-            results[name] = {"size": path.stat().st_size, "p50": summarize_ms(samples)["p50"], "tok_s": decode["decode_tokens_per_s"]}
-    base = results["fp32"]
+        results = measure_precisions(paths, prompt_ids(64, config.vocab_size), args.threads, min_iters=20,
+                                     options={"pad_token_id": 0})
     print(f"LiteRT, random Llama {params / 1e6:.1f}M params, 64-token prompt, 32 decode steps, {args.threads} thread(s)")
-    print(f"  {'precision':13} {'size MB':>8} {'size x':>7} {'p50 ms':>8} {'p50 x':>6} {'tok/s':>8} {'tok/s x':>8}")
-    for name, r in results.items():
-        print(f"  {name:13} {r['size'] / 1e6:8.1f} {r['size'] / base['size']:7.2f} {r['p50']:8.2f} {r['p50'] / base['p50']:6.2f} "
-              f"{r['tok_s']:8.0f} {r['tok_s'] / base['tok_s']:8.2f}")
-
+    print_precision_table(results, indent="  ")
 
 if __name__ == "__main__":
     main()

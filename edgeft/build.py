@@ -235,9 +235,8 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
             shutil.copyfile(stage_dir / "train_log.jsonl", bundle_dir / "train_log.jsonl")
     manifest = assemble(bundle_dir, final, splits, prep.target, prep.profile, provenance)
     if not prep.options.measure:
-        model_bytes = sum(p.stat().st_size for p in bundle_dir.glob(f"{manifest['model']['file']}*"))
         return {"format": REPORT_FORMAT, "target": manifest["target"], "profile": manifest["profile"]["name"], "measured": False,
-                "model": {**manifest["model"], "size_bytes": model_bytes, "size_mb": round(model_bytes / 1e6, 3)},
+                "model": model_summary(manifest, bundle_dir),
                 "stages": [{"name": o.name, "cached": o.cached, "seconds": o.seconds, "metrics": o.metrics} for o in outcomes]}
     device_report, measure_was_cached = measure_cached(prep, final, bundle_dir, use_measure_cache)
     report = make_report(manifest, bundle_dir, device_report, prep.options.device)
@@ -271,6 +270,12 @@ def forgetting(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "final_stage": final, "general_ppl_increase": increase}
 
 
+def model_summary(manifest: dict[str, Any], bundle_dir: Path) -> dict[str, Any]:
+    """The manifest's model entry plus the size of its files (model.onnx and any external data)."""
+    size = sum(p.stat().st_size for p in bundle_dir.glob(f"{manifest['model']['file']}*"))
+    return {**manifest["model"], "size_bytes": size, "size_mb": round(size / 1e6, 3)}
+
+
 def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[str, Any], device_name: str) -> dict[str, Any]:
     """The build report from a bundle's manifest and the runner's device report, gated on the
     budgets the bundle was built with."""
@@ -286,7 +291,6 @@ def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[
     }
     reference = accuracy["merged"] if accuracy["merged"] is not None else accuracy["finetuned"]
     accuracy["drop"] = round(reference - accuracy["device"], 4) if reference is not None else None
-    model_bytes = sum(p.stat().st_size for p in bundle_dir.glob(f"{manifest['model']['file']}*"))
     report = {
         "format": REPORT_FORMAT,
         "target": manifest["target"],
@@ -304,7 +308,7 @@ def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[
         "accuracy": accuracy,
         "metrics": eval_metrics(manifest["provenance"]["stages"]),  # per stage: profile eval.metrics + general_perplexity
         "smoke": device_report["smoke"],
-        "model": {**manifest["model"], "size_bytes": model_bytes, "size_mb": round(model_bytes / 1e6, 3)},
+        "model": model_summary(manifest, bundle_dir),
         "runner": device_report,
     }
     report["forgetting"] = forgetting(report["metrics"])
