@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU machines: pin this torch so pip never pulls a multi-GB CUDA build. A GPU user installs their own first.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench sshd clean
+.PHONY: install demo test bench sysdeps clean
 
 $(BIN)/edgeft: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,17 @@ $(BIN)/edgeft: pyproject.toml
 
 install: $(BIN)/edgeft
 
-# The tests run a real OpenSSH server on 127.0.0.1; install it when missing (Debian/Ubuntu, as root).
-sshd:
-	@test -x /usr/sbin/sshd || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null; }
+# The tests run real OpenSSH servers on 127.0.0.1 and an emulated ARM64 board (qemu-user + debootstrap);
+# install what is missing (Debian/Ubuntu, as root).
+SYSDEPS := /usr/sbin/sshd /usr/bin/qemu-aarch64-static /usr/sbin/debootstrap /usr/sbin/update-binfmts
+sysdeps:
+	@for f in $(SYSDEPS); do test -x $$f || missing=1; done; test -z "$$missing" || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client qemu-user-static debootstrap binfmt-support >/dev/null; }
 
 demo: install
 	$(BIN)/edgeft build --target rpi5 --device local
 
-test: install sshd
+test: install sysdeps
 	$(BIN)/python -m pytest -q
 
 bench: install

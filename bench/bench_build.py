@@ -77,7 +77,7 @@ def measure_precisions(paths: dict, prompt, threads: int, min_iters: int, option
     results = {}
     for name, path in paths.items():
         backend = lm.load(path, threads=threads, options=options)
-        _, samples = time_repeated(lambda: backend.forward(prompt, backend.empty_past()), 0.5, 2.0, min_iters)
+        samples = time_repeated(lambda: backend.forward(prompt, backend.empty_past()), 0.5, 2.0, min_iters).samples_ms
         decode = first_token_and_decode(backend, prompt, 32, 5)
         results[name] = {"size": path.stat().st_size, "p50": summarize_ms(samples)["p50"], "tok_s": decode["decode_tokens_per_s"]}
     return results

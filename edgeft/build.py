@@ -8,16 +8,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import pipeline
 from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir
 from .bundle import MEASUREMENT_FILES, assemble
-from .config import Budgets, Profile, Target, load_profile, load_target
+from .config import Budgets, Profile, Target, load_lab, load_profile, load_target
 from .context import BuildContext
 from .data import Splits, check_data, load_splits
+from .device.reserve import Reservation, check_target, reserve
 from .errors import BundleError, ConfigError, DeviceError, ModelError
 from .gate import evaluate
+from .regression import regression_block
 
 REPORT_FORMAT = "edgeft-report/1"
 # The exported model each runtime loads, and the precisions it can run.
@@ -41,6 +43,9 @@ class BuildOptions:
     adapter: str | None = None  # the finetune stage's adapter name (one adapter per customer/task on a base)
     measure: bool = True  # False: write the bundle only (`edgeft measure` gates it later, on the device)
     adapter_dir: Path | None = None  # an `edgeft finetune` output: replaces the profile's finetune stage
+    wait_s: float = 0.0  # how long to wait for a held device (reservation) before failing
+    tags: tuple[str, ...] = ()  # reserve any healthy free device with all these tags instead of `device`
+    baseline: Path | None = None  # an earlier report (or a dir of them): gate max_regression against it
 
 
 def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str, context_tokens: int | None = None) -> None:
@@ -97,38 +102,52 @@ def resolve_model(model: Path | None, progress, log: Callable[[str], None]) -> P
     return model
 
 
-def measure_on_device(bundle_dir: Path, options: BuildOptions, log: Callable[[str], None],
-                      samples_to: Path | None = None) -> dict[str, Any]:
-    """Ship the runner and the bundle, run the runner there, fetch its report (and, to samples_to, the
-    telemetry samples as JSON lines)."""
-    from .device import open_transport, push_verified
+def measure_reserved(reservation: Reservation, bundle_dir: Path, log: Callable[[str], None],
+                     samples_to: Path | None = None, sysfs_root: str | None = None,
+                     runner_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Ship the runner and the bundle into the reservation's run dir, run the runner there, fetch its
+    report (and, to samples_to, the telemetry samples as JSON lines). The run dir is emptied afterwards."""
+    from .device import push_verified
     from .runner_app import build_runner_zipapp
 
-    transport, device = open_transport(options.device, options.lab, options.trust_new_host_key)
-    with transport, tempfile.TemporaryDirectory(prefix="edgeft-runner-") as tmp:
+    transport, run_dir = reservation.transport, reservation.run_dir
+    with tempfile.TemporaryDirectory(prefix="edgeft-runner-") as tmp:
         runner = Path(tmp) / "edgeft-runner.pyz"
         build_runner_zipapp(runner)
-        manifest = json.loads((bundle_dir / "manifest.json").read_text())
-        run_dir = f"runs/{manifest['files'][manifest['model']['file']][:16]}"
-        log(f"device {transport.name}: pushing runner and bundle")
-        push_verified(transport, runner, f"{run_dir}/edgeft-runner.pyz")
-        push_verified(transport, bundle_dir, f"{run_dir}/bundle")
-        argv = [transport.python, f"{run_dir}/edgeft-runner.pyz", "run", "--bundle", f"{run_dir}/bundle",
-                "--report", f"{run_dir}/report.json", "--samples", f"{run_dir}/telemetry.jsonl"]
-        if options.sysfs_root:
-            argv += ["--sysfs-root", options.sysfs_root]
-        log(f"device {transport.name}: measuring")
-        result = transport.run(argv, timeout=3600)
-        if not result.ok:
-            detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DeviceError(f"device {transport.name!r}: the runner failed (exit {result.returncode}): {detail}")
-        local = Path(tmp) / "report.json"
-        transport.get_file(f"{run_dir}/report.json", local)
-        report = json.loads(local.read_text())
-        if samples_to is not None:
-            transport.get_file(f"{run_dir}/telemetry.jsonl", samples_to)
-        transport.remove(run_dir)
+        try:
+            log(f"device {transport.name}: pushing runner and bundle")
+            push_verified(transport, runner, f"{run_dir}/edgeft-runner.pyz")
+            push_verified(transport, bundle_dir, f"{run_dir}/bundle")
+            argv = [transport.python, f"{run_dir}/edgeft-runner.pyz", "run", "--bundle", f"{run_dir}/bundle",
+                    "--report", f"{run_dir}/report.json", "--samples", f"{run_dir}/telemetry.jsonl"]
+            if sysfs_root:
+                argv += ["--sysfs-root", sysfs_root]
+            argv += [str(a) for a in runner_args]
+            log(f"device {transport.name}: measuring")
+            result = transport.run(argv, timeout=3600)
+            if not result.ok:
+                detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                raise DeviceError(f"device {transport.name!r}: the runner failed (exit {result.returncode}): {detail}")
+            local = Path(tmp) / "report.json"
+            transport.get_file(f"{run_dir}/report.json", local)
+            report = json.loads(local.read_text())
+            if samples_to is not None:
+                transport.get_file(f"{run_dir}/telemetry.jsonl", samples_to)
+        finally:
+            try:  # the release removes it too; emptied now so a second measurement on this reservation starts clean
+                transport.remove(run_dir)
+            except DeviceError:
+                pass
+    reservation.check_lease()
+    report["device"]["emulated"] = reservation.emulated
     return report
+
+
+def _reserve_for(options: BuildOptions, log: Callable[[str], None], manifest: dict[str, Any] | None):
+    """The reservation a build or measurement takes on options.device (or any device with options.tags)."""
+    name = None if options.tags else options.device
+    return reserve(name, tags=options.tags, lab_path=options.lab, wait_s=options.wait_s,
+                   trust_new_host_key=options.trust_new_host_key, bundle_manifest=manifest, log=log)
 
 
 @dataclass
@@ -164,9 +183,10 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
     log(data_report.summary())
     for warning in data_report.warnings:
         log(f"data warning: {warning}")
-    if options.device != "local":  # an unreachable device or unknown host key fails now, not after training
+    if options.device != "local" and not options.tags:  # a wrong or unreachable device fails now, not after training
         from .device import open_transport
 
+        check_target(load_lab(options.lab).device(options.device), target.name, target.arch, target.runtime, "this build is")
         transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
         transport.close()
     out = Path(options.out) if options.out else Path("build") / target.name
@@ -210,7 +230,10 @@ def measure_cached(prep: Prepared, final: Artifact, bundle_dir: Path, use_cache:
     path = cache_root() / "measurements" / f"{measurement_key(prep, final)[:32]}.json"
     if use_cache and path.exists():
         return json.loads(path.read_text()), True
-    report = measure_on_device(bundle_dir, prep.options, prep.ctx.log, samples_to=bundle_dir / "telemetry.jsonl")
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    with _reserve_for(prep.options, prep.ctx.log, manifest) as reservation:  # reserved right before measuring
+        report = measure_reserved(reservation, bundle_dir, prep.ctx.log, samples_to=bundle_dir / "telemetry.jsonl",
+                                  sysfs_root=prep.options.sysfs_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report))
@@ -239,7 +262,7 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
                 "model": model_summary(manifest, bundle_dir),
                 "stages": [{"name": o.name, "cached": o.cached, "seconds": o.seconds, "metrics": o.metrics} for o in outcomes]}
     device_report, measure_was_cached = measure_cached(prep, final, bundle_dir, use_measure_cache)
-    report = make_report(manifest, bundle_dir, device_report, prep.options.device)
+    report = make_report(manifest, bundle_dir, device_report, prep.options.device, baseline=prep.options.baseline)
     report["stages"] = [{"name": o.name, "cached": o.cached, "seconds": o.seconds} for o in outcomes]
     report["measurement_cached"] = measure_was_cached
     return report
@@ -276,9 +299,10 @@ def model_summary(manifest: dict[str, Any], bundle_dir: Path) -> dict[str, Any]:
     return {**manifest["model"], "size_bytes": size, "size_mb": round(size / 1e6, 3)}
 
 
-def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[str, Any], device_name: str) -> dict[str, Any]:
+def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[str, Any], device_name: str,
+                baseline: Path | None = None) -> dict[str, Any]:
     """The build report from a bundle's manifest and the runner's device report, gated on the
-    budgets the bundle was built with."""
+    budgets the bundle was built with (and, with `baseline`, on regression against an earlier report)."""
     metrics = {stage["name"]: stage["metrics"] for stage in manifest["provenance"]["stages"]}
     accuracy = {
         "base": metrics.get("finetune", {}).get("accuracy_base"),
@@ -295,10 +319,13 @@ def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[
         "format": REPORT_FORMAT,
         "target": manifest["target"],
         "profile": manifest["profile"]["name"],
-        "device": {**device_report["device"], "name": device_name},
+        "device": {"emulated": False, **device_report["device"], "name": device_name},  # emulated: set by measure_reserved
         "arch_matches_target": device_report["device"]["arch"] == manifest["arch"],
         "runtime": device_report["runtime"],
-        "latency_ms": device_report["latency_ms"],
+        "latency_ms": device_report["latency_ms"],  # warm: the timed loop (raw samples in latency_ms.samples)
+        "cold_ms": device_report.get("cold_ms"),  # process start -> model loaded -> first inference
+        "sustained": device_report.get("sustained"),  # the soak (measure.sustained_s), per window; None when off
+        "conditions": device_report.get("conditions"),  # warm-up, samples, threads, governor, throttle, temps
         "first_token_ms": device_report["first_token_ms"],
         "decode_tokens_per_s": device_report["decode_tokens_per_s"],
         "peak_rss_mb": device_report["peak_rss_mb"],
@@ -310,15 +337,23 @@ def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[
         "smoke": device_report["smoke"],
         "model": model_summary(manifest, bundle_dir),
         "runner": device_report,
+        # What --baseline matches on: the same device, base model, profile and target.
+        "lineage": {"base_model_sha256": (manifest["provenance"].get("base_model") or {}).get("sha256"),
+                    "profile": manifest["profile"]["name"], "target": manifest["target"]},
+        "measured_at_unix": device_report.get("finished_unix") or round(time.time(), 3),
     }
     report["forgetting"] = forgetting(report["metrics"])
+    if baseline is not None:
+        report["regression"] = regression_block(report, Path(baseline))
     report["gate"] = evaluate(report, Budgets.model_validate(manifest["profile"]["budgets"]))
     return report
 
 
 def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str], None] = print,
-                   samples_to: Path | None = None) -> dict[str, Any]:
-    """`edgeft measure`: re-measure a finished bundle on a device (e.g. a lab board in CI) and gate it."""
+                   samples_to: Path | None = None, reservation: Reservation | None = None,
+                   runner_args: Sequence[str] = ()) -> dict[str, Any]:
+    """`edgeft measure`: re-measure a finished bundle on a device (e.g. a lab board in CI) and gate it.
+    Reserves options.device (or options.tags) for the measurement, unless given a reservation to use."""
     from . import quiet_libraries
 
     quiet_libraries()
@@ -332,12 +367,14 @@ def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str],
     changed = sorted(name for name in files if actual.get(name) != files[name])
     if changed:
         raise BundleError(f"{bundle_dir}: {len(changed)} file(s) differ from the manifest ({', '.join(changed[:3])}); the bundle was modified: rebuild it")
-    if options.device != "local":
-        from .device import open_transport
-
-        transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
-        transport.close()
-    return make_report(manifest, bundle_dir, measure_on_device(bundle_dir, options, log, samples_to), options.device)
+    if reservation is not None:
+        if reservation.device is not None:
+            check_target(reservation.device, manifest["target"], manifest.get("arch"), manifest.get("runtime"))
+        device_report = measure_reserved(reservation, bundle_dir, log, samples_to, options.sysfs_root, runner_args)
+        return make_report(manifest, bundle_dir, device_report, reservation.name, baseline=options.baseline)
+    with _reserve_for(options, log, manifest) as taken:
+        device_report = measure_reserved(taken, bundle_dir, log, samples_to, options.sysfs_root, runner_args)
+    return make_report(manifest, bundle_dir, device_report, taken.name, baseline=options.baseline)
 
 
 def write_bundle(prep: Prepared, final: Artifact, outcomes, use_measure_cache: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:

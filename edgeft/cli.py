@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,12 @@ def main(ctx: click.Context, debug: bool) -> None:
       edgeft build --target rpi5 --device rpi5-lab-1
     """
     ctx.meta["debug"] = debug
+    # A CI runner's cancel sends SIGTERM: exit through the `finally` blocks, so reservations are released.
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @main.command()
@@ -77,6 +84,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--device", "-d", default="local", show_default=True, help="'local' (this machine) or a device name from the lab file.")
 @click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Bundle directory. Default: build/<target>.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it; then fail naming the holder.")
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts (like ssh's accept-new).")
 @click.option("--force", is_flag=True, help="Re-run every stage even when its cached result is valid.")
 @click.option("--threads", default=2, show_default=True, help="Host CPU threads for training and export.")
@@ -84,10 +92,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--search", "do_search", is_flag=True, help="Build and measure every candidate (the profile's search: section, or fp32/int8/int4/pruned), keep the most accurate one within budget.")
 @click.option("--adapter", help="Name of the adapter to train and ship (e.g. one per customer or task on the same base); each is cached and merged on its own. Default: the profile's (\"default\").")
 @click.option("--adapter-dir", type=click.Path(path_type=Path), help="Start from this adapter (written by `edgeft finetune`, e.g. on many GPUs) instead of running the profile's finetune stage.")
+@click.option("--baseline", type=click.Path(path_type=Path), help="An earlier report.json, or a directory searched for the newest PASS report of the same device and model lineage: the profile's max_regression fails the gate on a slowdown beyond it with 95% confidence (bootstrap).")
 @click.option("--no-measure", is_flag=True, help="Write the bundle without measuring it (e.g. a Jetson bundle built on a host without TensorRT); measure it later with `edgeft measure`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
-def build(target, profile, model, data, device, lab, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, no_measure, as_json, quiet):
+def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, baseline, no_measure, as_json, quiet):
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
@@ -99,18 +108,22 @@ def build(target, profile, model, data, device, lab, out, trust_new_host_key, fo
       edgeft build -t rpi5 --model ./my-llama --data train.jsonl --device rpi5-lab-1
       edgeft build -t rpi5 -p arm-int4 --json > report.json
       edgeft build -t rpi5 --search --device rpi5-lab-1   # most accurate candidate within budget
+      edgeft build -t rpi5 --device rpi5-lab-1 --wait 600  # CI: wait up to 10 min for the board
       edgeft build -t jetson-orin --no-measure && edgeft measure build/jetson-orin -d orin-lab-1
       edgeft build -t rpi5 --data acme.jsonl --adapter acme --out build/acme   # one adapter per customer
       edgeft build -t rpi5 --model ./my-llama --data train.jsonl --adapter-dir adapters/a   # from `edgeft finetune`
+      edgeft build -t rpi5 -d rpi5-lab-1 --baseline reports/   # fail on a slowdown beyond max_regression
     """
     from .build import BuildOptions
     from .build import build as run_build
+    from .regression import check_baseline_arg
 
     log = _logger(quiet)
     options = BuildOptions(
         target=target, profile=profile, model=model, data=data, device=device, lab=lab, out=out,
         trust_new_host_key=trust_new_host_key, force=force, sysfs_root=sysfs_root, threads=threads,
-        measure=not no_measure, adapter=adapter, adapter_dir=adapter_dir,
+        measure=not no_measure, adapter=adapter, adapter_dir=adapter_dir, wait_s=wait_s,
+        baseline=check_baseline_arg(baseline) if baseline else None,
     )
     if adapter and adapter_dir:
         raise click.UsageError("--adapter names the adapter to train; an --adapter-dir adapter has its name already (edgeft finetune --adapter)")
@@ -175,6 +188,14 @@ def _summary(report: dict) -> None:
         f"  latency p50 {lat['p50']} / p99 {lat['p99']} ms ({lat['prompt_tokens']} tokens, n={lat['n']}), "
         f"first token {report['first_token_ms']} ms, decode {report['decode_tokens_per_s']} tok/s, peak RSS {report['peak_rss_mb']} MB"
     )
+    cold, soak = report.get("cold_ms") or {}, report.get("sustained")
+    if cold:
+        console.print(f"  cold start {cold['total']} ms (loaded after {cold['process_to_loaded']} ms, first inference {cold['first_inference']} ms)")
+    if soak:
+        soak_lat = soak["latency_ms"]
+        console.print(f"  sustained {soak['duration_s']} s: p50 {soak_lat['p50']} / p99 {soak_lat['p99']} ms, "
+                      f"{len(soak['windows'])} windows, drift p50 {soak['drift_p50']:+.1%}" if soak["drift_p50"] is not None else
+                      f"  sustained {soak['duration_s']} s: p50 {soak_lat['p50']} / p99 {soak_lat['p99']} ms")
     steps = ("base", "finetuned", "merged", "pruned", "distilled", "quantized", "device")
     chain = " → ".join(f"{'on device' if k == 'device' else k} {fmt(acc[k])}" for k in steps if acc.get(k) is not None)
     console.print(f"  exact match: {chain}")
@@ -184,12 +205,14 @@ def _summary(report: dict) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--device", "-d", default="local", show_default=True, help="'local' (this machine) or a device name from the lab file.")
 @click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it; then fail naming the holder.")
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report JSON here, and the telemetry samples (JSON lines) beside it as <name>.telemetry.jsonl.")
 @click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
+@click.option("--baseline", type=click.Path(path_type=Path), help="An earlier report.json, or a directory searched for the newest PASS report of the same device and model lineage: the profile's max_regression fails the gate on a slowdown beyond it with 95% confidence (bootstrap).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
-def measure(bundle, device, lab, trust_new_host_key, report_path, sysfs_root, as_json, quiet):
+def measure(bundle, device, lab, wait_s, trust_new_host_key, report_path, sysfs_root, baseline, as_json, quiet):
     """Measure a finished bundle on a device and gate it on the budgets it was built with.
 
     The bundle's files are checked against its manifest first; nothing is rebuilt. For CI on lab
@@ -199,11 +222,15 @@ def measure(bundle, device, lab, trust_new_host_key, report_path, sysfs_root, as
     Examples:
       edgeft measure build/rpi5 --device rpi5-lab-1
       edgeft measure build/rpi5 -d rpi5-lab-2 --report hil-rpi5-lab-2.json
+      edgeft measure build/rpi5 -d rpi5-lab-1 --wait 600   # the board is shared: wait for it
+      edgeft measure build/rpi5 -d rpi5-lab-1 --report r.json --baseline last-good/   # regression gate
     """
     from .build import BuildOptions, measure_bundle
+    from .regression import check_baseline_arg
 
     log = _logger(quiet)
-    options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root)
+    options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root, wait_s=wait_s,
+                           baseline=check_baseline_arg(baseline) if baseline else None)
     samples = report_path.with_name(f"{report_path.stem}.telemetry.jsonl") if report_path else None
     report = measure_bundle(bundle, options, log, samples)
     if report_path:
@@ -272,7 +299,7 @@ def _search_table(result: dict) -> None:
         mark = "→ " if row["candidate"] == result["chosen"] else "  "
         table.add_row(
             mark + row["candidate"], f"{row['size_bytes'] / 1e6:.2f}", f"{row['accuracy']:.3f}", f"{row['latency_ms_p50']:.2f}",
-            f"{row['latency_ms_p99']:.2f}", f"{row['first_token_ms']:.2f}", f"{row['decode_tokens_per_s']:.0f}", f"{row['peak_rss_mb']:.0f}", verdict,
+            "-" if row["latency_ms_p99"] is None else f"{row['latency_ms_p99']:.2f}", f"{row['first_token_ms']:.2f}", f"{row['decode_tokens_per_s']:.0f}", f"{row['peak_rss_mb']:.0f}", verdict,
         )
     console.print(table)
     console.print(("[green]chosen:[/] " if result["chosen"] else "[red]none:[/] ") + result["why"], soft_wrap=True)
@@ -389,6 +416,213 @@ def _data_table(report) -> None:
         console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if not d["warnings"]:
         console.print("[green]clean[/]")
+
+
+@main.group("hil")
+def hil_group():
+    """Hardware-in-the-loop suites: bundles × lab devices, measured in parallel, JUnit for CI."""
+
+
+@hil_group.command("run")
+@click.argument("suite", type=click.Path(path_type=Path))
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Write JUnit XML here: one test case per bundle × device.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every job's record and report here (JSON); the device reports go to hil-results/ beside it.")
+@click.option("--parallel", type=click.IntRange(min=1), help="Devices measured at once. Default: every device of the suite.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), help="Seconds a job waits for a device another run holds. Default: the suite's wait_s (0).")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@click.option("--threads", default=2, show_default=True, help="Host CPU threads for the suite's build recipes.")
+@click.option("--quiet", "-q", is_flag=True, help="No status lines; the summary table still prints.")
+def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_key, threads, quiet):
+    """Run a suite: every bundle on every device it selects, each device reserved, pushed, measured and
+    gated as `edgeft measure` does; devices run in parallel. A device that is unreachable, unhealthy or
+    held past --wait fails its jobs (JUnit <error>) and the others go on.
+
+    \b
+    Exit status: 0 every job passed, 1 a budget failed or a job could not run, 3 a result is INVALID
+    (throttled: re-run), 2 nothing ran (bad suite, no such device, every job errored).
+    \b
+    Examples:
+      edgeft hil run hil/suites/smoke.yaml
+      edgeft hil run hil/suites/smoke.yaml --junit hil-junit.xml --json hil.json --wait 600
+      edgeft hil run my-suite.yaml --lab ci/lab.yaml --parallel 2
+    """
+    from .hil import default_results_dir, load_suite, plan_suite, run_suite, suite_exit_code, write_results
+
+    log = _logger(quiet)
+    loaded = load_suite(suite)
+    with _progress(not quiet and any(b.target for b in loaded.bundles)) as progress:  # bars only for build recipes
+        plan = plan_suite(loaded, lab, default_results_dir(json_path), log, threads=threads, progress=progress)
+    result = run_suite(plan, parallel=parallel, wait_s=wait_s, trust_new_host_key=trust_new_host_key, log=log)
+    write_results(result, json_path, junit_path)
+    _hil_table(result)
+    for path, what in ((json_path, "results"), (junit_path, "JUnit")):
+        if path is not None:
+            console.print(f"{what}: {path}")
+    sys.exit(suite_exit_code(result))
+
+
+def _hil_table(result: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .hil import summary_row
+
+    fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    table = Table(title=f"hil: {result['suite']} ({result['wall_s']:.1f} s)", title_justify="left")
+    for column in ("bundle", "device", "verdict", "p50 ms", "p99 ms", "first tok ms", "tok/s", "RSS MB", "max °C", "accuracy", "s"):
+        table.add_column(column, justify="left" if column in ("bundle", "device", "verdict") else "right")
+    errors = []
+    for job in result["jobs"]:
+        row = summary_row(job)
+        verdict = {"PASS": "[green]PASS[/]", "INVALID": "[yellow]INVALID[/]", "ERROR": "[red]ERROR[/]"}.get(
+            row["verdict"], f"[red]FAIL[/] {','.join(row['failed'])}")
+        if row["error"]:
+            errors.append(f"[red]error[/] {escape(row['bundle'])} @ {escape(row['device'])}: {escape(row['error'])}")
+        table.add_row(escape(row["bundle"]), escape(row["device"]), verdict, fmt(row["p50_ms"], ".2f"), fmt(row["p99_ms"], ".2f"),
+                      fmt(row["first_token_ms"], ".2f"), fmt(row["tokens_per_s"], ".0f"), fmt(row["peak_rss_mb"], ".0f"),
+                      fmt(row["max_temp_c"], ".1f"), fmt(row["accuracy"], ".3f"), f"{row['wall_s']:.1f}")
+    console.print(table)
+    for line in errors:
+        console.print(line, soft_wrap=True)
+
+
+@main.group("lab")
+def lab_group():
+    """The lab (hil/lab.yaml): who holds which device, which devices are healthy, stale locks."""
+
+
+@lab_group.command("list")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def lab_list(lab, as_json):
+    """Every device with its target, tags and state: free, held (by user@host, pid, since, lease
+    expiry), unhealthy (why, since when, from the last `edgeft lab check`) or unreachable.
+
+    \b
+    Examples:
+      edgeft lab list
+      edgeft lab list --lab ci/lab.yaml --json
+    """
+    from .lab import lab_list as list_devices
+
+    rows = list_devices(lab)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        if row["state"] == "held":
+            h = row["holder"]
+            state = f"held by {h['owner']} (pid {h['pid']}, lease expires in {h['expires_in_s']:.0f} s)"
+        elif row["state"] == "unhealthy":
+            state = f"unhealthy since {row['unhealthy']['since']}: {row['unhealthy']['reason']}"
+        elif row["state"] == "unreachable":
+            state = f"unreachable: {row['error']}"
+        else:
+            state = "free" + (f" (stale lock of {row['holder']['owner']}: the next run takes it over)" if row["holder"] else "")
+        emulated = " (emulated)" if row["emulated"] else ""
+        click.echo(f"{row['name']:16} {row['target']:12} [{', '.join(row['tags'])}]{emulated}  {state}")
+
+
+@lab_group.command("check")
+@click.argument("devices", nargs=-1)
+@click.option("--tags", "tags", multiple=True, help="Only devices carrying this tag (repeat for several; all must match).")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def lab_check(devices, tags, lab, trust_new_host_key, as_json):
+    """Probe devices in parallel: SSH reachable with a known host key, the lab file's python with numpy
+    and the target's runtime (version), free disk in the workdir, arch matches the target, thermal
+    sensors (a warning only). Failing devices are marked unhealthy and reservations skip them until a
+    later check passes. Exit 1 when any checked device is unhealthy.
+
+    \b
+    Examples:
+      edgeft lab check                     # every device
+      edgeft lab check rpi5-lab-1
+      edgeft lab check --tags rpi5 --json
+    """
+    from .lab import lab_check as check_devices
+
+    results = check_devices(lab, tuple(devices), tuple(tags), trust_new_host_key)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            f = r["facts"]
+            runtime = f.get("runtime") or {}
+            facts = (f"python {f['python']}, numpy {f.get('numpy')}, {runtime.get('name')} {runtime.get('version', '-')}, "
+                     f"{f['arch']}, {f['free_mb']} MB free") if "python" in f else ""
+            if r["healthy"]:
+                console.print(f"[green]healthy[/]    {r['name']:16} {facts}", soft_wrap=True)
+            else:
+                console.print(f"[red]unhealthy[/]  {r['name']:16} since {r['since']}: {'; '.join(r['problems'])}", soft_wrap=True, markup=False)
+            for warning in r["warnings"]:
+                console.print(f"  [yellow]warning:[/] {warning}")
+    sys.exit(0 if all(r["healthy"] for r in results) else 1)
+
+
+@lab_group.command("unlock")
+@click.argument("device")
+@click.option("--kick-stale", is_flag=True, help="Remove the lock only if its lease has expired (its holder died).")
+@click.option("--force", is_flag=True, help="Remove it even if the lease is live (a hung run); that run loses its lease.")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+def lab_unlock(device, kick_stale, force, lab, trust_new_host_key):
+    """Remove a device's lock left by a run that died, and the run dirs it left; with `lock: labgrid`,
+    also unlock the labgrid place that run held (labgrid never expires it by itself).
+
+    A reservation takes over an expired lease by itself; this is for clearing it by hand (e.g. so
+    `edgeft lab list` shows the device free, or to free a labgrid place for people using labgrid).
+
+    \b
+    Examples:
+      edgeft lab unlock rpi5-lab-1 --kick-stale
+      edgeft lab unlock rpi5-lab-1 --force      # the holder is hung but still renewing
+    """
+    from .device.reserve import describe_holder, unlock
+
+    if kick_stale == force:
+        raise click.UsageError("say what to remove: --kick-stale (only an expired lease) or --force (a live one too)")
+    answer = unlock(device, lab, force=force, trust_new_host_key=trust_new_host_key, log=_logger(False))
+    if not answer.get("locked"):
+        console.print(f"{device}: not locked")
+        return
+    console.print(f"{device}: removed the lock of {describe_holder(answer.get('lock'), answer.get('now'))}"
+                  + (f", {len(answer['removed_runs'])} run dir(s)" if answer.get("removed_runs") else "")
+                  + (f", labgrid place lock of {answer['labgrid_unlocked']}" if answer.get("labgrid_unlocked") else ""))
+
+
+@lab_group.command("emulate")
+@click.argument("name")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML to add the board to (created if missing). Default: hil/lab.yaml.")
+@click.option("--target", "-t", default="rpi5", show_default=True, help="The target the board stands in for (an aarch64 onnxruntime target).")
+@click.option("--stop", is_flag=True, help="Stop the board's sshd and what runs in it, and unmount its root (its rootfs and lab entry stay).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No status lines.")
+def lab_emulate(name, lab, target, stop, as_json, quiet):
+    """Bring up an emulated ARM64 board on this machine and add it to the lab file as NAME.
+
+    An arm64 Debian under qemu-user with its own sshd on 127.0.0.1 and the real aarch64 numpy and
+    onnxruntime wheels: `build`/`measure`/`hil run` on it exercise the ARM runner, runtime and
+    install path for real. Compute is ~450x slower than the host, so its latency budgets are
+    skipped (reported, never gated); smoke test and accuracy are gated. Needs root. The first run
+    builds the rootfs (~5 min; cached under $EDGEFT_EMULATE_CACHE); later ones take seconds, and
+    with the board up it only reports it.
+
+    \b
+    Examples:
+      sudo edgeft lab emulate rpi5-emu-1
+      edgeft measure build/rpi5 -d rpi5-emu-1
+      edgeft lab emulate rpi5-emu-1 --lab ci/lab.yaml --json
+      edgeft lab emulate rpi5-emu-1 --stop
+    """
+    from .emulate import emulate, stop as stop_board
+
+    log = _logger(quiet)
+    result = stop_board(name, log=log) if stop else emulate(name, lab, target=target, log=log)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
 
 
 @main.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .data import DataConfig
 from .errors import ConfigError
@@ -60,16 +60,35 @@ class Target(Strict):
 class MeasureConfig(Strict):
     warmup_s: float = Field(0.2, ge=0)
     min_s: float = Field(1.0, ge=0)
-    min_iters: int = Field(20, ge=1)
+    min_iters: int = Field(100, ge=1)  # p99 is only reported from >= 100 samples (edgeft_runner.measure.MIN_SAMPLES)
     prompt_tokens: int = Field(32, ge=1)
     decode_tokens: int = Field(16, ge=1)
     first_token_runs: int = Field(5, ge=1)
+    sustained_s: float = Field(0.0, ge=0)  # a soak after the warm loop, reported per window so drift shows; 0: off
+
+
+class LatencyBudget(Strict):
+    """A latency budget per phase of the measurement: warm (the timed loop) and/or sustained (the soak)."""
+
+    warm: float | None = Field(None, gt=0)
+    sustained: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_phase(self) -> LatencyBudget:
+        if self.warm is None and self.sustained is None:
+            raise ValueError("set warm and/or sustained, e.g. {warm: 5, sustained: 8} (a plain number means warm)")
+        return self
+
+
+def _phases(value: Any) -> Any:
+    """A plain number is the warm budget, as before phases existed."""
+    return {"warm": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 class Budgets(Strict):
     """Every budget is optional; an absent one is not checked."""
 
-    latency_ms_p99: float | None = Field(None, gt=0)
+    latency_ms_p99: Annotated[LatencyBudget | None, BeforeValidator(_phases)] = None
     first_token_ms: float | None = Field(None, gt=0)
     min_decode_tokens_per_s: float | None = Field(None, gt=0)
     peak_rss_mb: float | None = Field(None, gt=0)
@@ -79,6 +98,8 @@ class Budgets(Strict):
     max_temp_c: float | None = Field(None, gt=0)
     # forgetting: general-text perplexity of the final model vs the base, relative (0.2 = at most +20%)
     max_general_ppl_increase: float | None = Field(None, ge=0)
+    # vs --baseline: fail when the bootstrap 95% CI of the p50 or p99 change lies wholly above this (0.05 = +5%)
+    max_regression: float | None = Field(None, gt=0, le=10)
 
 
 class EvalConfig(Strict):
@@ -140,6 +161,15 @@ class Profile(Strict):
     eval: EvalConfig = EvalConfig()  # metrics every stage reports, and the general text of the forgetting check
     source: Path | None = Field(None, exclude=True)
 
+    @field_validator("budgets")
+    @classmethod
+    def _soak_for_sustained_budget(cls, budgets: Budgets, info: ValidationInfo) -> Budgets:
+        measure = info.data.get("measure")  # validated before budgets (declared first); absent if it failed
+        latency = budgets.latency_ms_p99
+        if measure is not None and latency is not None and latency.sustained is not None and not measure.sustained_s:
+            raise ValueError("latency_ms_p99.sustained needs a soak: set measure.sustained_s (seconds) > 0")
+        return budgets
+
 
 # ------------------------------------------------------------------------------------------- lab
 class LabDevice(Strict):
@@ -153,11 +183,36 @@ class LabDevice(Strict):
     python: str = "python3"  # the device's interpreter that has numpy and the runtime
     workdir: str = ".edgeft"  # relative paths are relative to the login's home
     tags: list[str] = []
+    emulated: bool = False  # an emulated board (qemu): its timings are reported, never gated
 
 
 class Lab(Strict):
     devices: list[LabDevice]
+    # How a run reserves a device: "device" keeps a lock dir with a lease in the device's workdir (no
+    # server); "labgrid" also locks the labgrid place of the device's name on `coordinator`.
+    lock: Literal["device", "labgrid"] = "device"
+    coordinator: str | None = None  # labgrid coordinator HOST:PORT, for lock: labgrid
+    lease_s: float = Field(120.0, ge=2, le=86400)  # a holder's lease lasts this long after its last renewal
     source: Path | None = Field(None, exclude=True)
+
+    @field_validator("coordinator")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected HOST:PORT of the labgrid coordinator, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _labgrid_needs_coordinator(self) -> Lab:
+        if self.lock == "labgrid" and not self.coordinator:
+            raise ValueError("lock: labgrid needs 'coordinator: HOST:PORT' (the labgrid coordinator's address)")
+        names = [d.name for d in self.devices]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"device names must be unique; repeated: {', '.join(dupes)}")
+        return self
 
     def device(self, name: str) -> LabDevice:
         for device in self.devices:

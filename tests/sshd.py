@@ -4,7 +4,10 @@ file and a lab.yaml with one device, `loopback`, that is this machine seen over 
     with start_sshd(tmp_path) as info:
         lab = load_lab(info.lab_path)          # device 'loopback'
 
-or, in tests, the session-scoped `sshd` fixture (import it into conftest.py).
+or, in tests, the session-scoped `sshd` fixture (import it into conftest.py). Several devices in one lab:
+
+    with start_lab(tmp_path, 3, lease_s=3) as lab:  # dev-0 .. dev-2, each its own sshd, keys, workdir
+        load_lab(lab.lab_path).device("dev-1")
 Needs /usr/sbin/sshd (or $EDGEFT_TEST_SSHD) and ssh-keygen (openssh-server); `make test` installs them.
 """
 
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,14 +96,23 @@ def _accepts(port: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class LabInfo:
+    lab_path: Path  # one lab.yaml naming every device
+    devices: list[SshdInfo]  # devices[i] is `dev-i`
+
+    def device(self, index: int, **overrides):
+        return self.devices[index].device(**overrides)
+
+
 @contextmanager
-def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
-    """Start sshd -D on a free loopback port; stop it (and remove nothing else) on exit."""
+def _run_sshd(root: Path) -> Iterator[dict]:
+    """Keys, config and a running sshd -D in `root` on a free loopback port; stopped on exit.
+    Yields the SshdInfo fields that do not depend on the lab file."""
     if not SSHD.exists():
         raise _missing(str(SSHD))
     if shutil.which("ssh-keygen") is None:
         raise _missing("ssh-keygen")
-    root = Path(tmp_path) / "sshd"
     root.mkdir(parents=True, exist_ok=True)
     host_key, user_key = root / "host_ed25519", root / "user_ed25519"
     _keygen(host_key, "edgeft-test-host")
@@ -108,9 +120,7 @@ def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
     authorized_keys = root / "authorized_keys"
     authorized_keys.write_text(user_key.with_suffix(".pub").read_text())
     host_key_line = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
-    workdir = root / "device-workdir"
     log = root / "sshd.log"
-    user = getpass.getuser()
     try:  # privilege separation dir; only root can (and needs to) make it
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     except OSError:
@@ -137,6 +147,8 @@ def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
                     "Subsystem sftp internal-sftp",
                     "PrintMotd no",
                     "LogLevel INFO",
+                    "MaxStartups 100",  # concurrent reservations open many sessions at once
+                    "MaxSessions 100",
                     "",
                 ]
             )
@@ -167,33 +179,11 @@ def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
     try:
         known_hosts = root / "known_hosts"
         known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_line}\n")
-        lab_path = root / "lab.yaml"
-        lab_path.write_text(
-            yaml.safe_dump(
-                {
-                    "devices": [
-                        {
-                            "name": DEVICE_NAME,
-                            "host": "127.0.0.1",
-                            "port": port,
-                            "user": user,
-                            "key_file": str(user_key),
-                            "known_hosts": str(known_hosts),
-                            "target": "rpi5",
-                            "python": sys.executable,
-                            "workdir": str(workdir),
-                            "tags": ["test"],
-                        }
-                    ]
-                },
-                sort_keys=False,
-            )
-        )
-        yield SshdInfo(
-            host="127.0.0.1", port=port, user=user, root=root, config=config, log=log,
+        yield dict(
+            host="127.0.0.1", port=port, user=getpass.getuser(), root=root, config=config, log=log,
             host_key=host_key, host_key_line=host_key_line, user_key=user_key,
-            authorized_keys=authorized_keys, known_hosts=known_hosts, lab_path=lab_path,
-            workdir=workdir, pid=proc.pid,
+            authorized_keys=authorized_keys, known_hosts=known_hosts, workdir=root / "device-workdir",
+            pid=proc.pid,
         )
     finally:
         proc.terminate()
@@ -204,11 +194,54 @@ def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdInfo]:
-    """One real sshd for the whole session. Fails (never skips) when OpenSSH is not installed."""
+def _lab_entry(server: dict, name: str, tags: list[str]) -> dict:
+    """The lab.yaml entry of one test sshd: this machine's python, its own key, known_hosts and workdir."""
+    return {
+        "name": name,
+        "host": server["host"],
+        "port": server["port"],
+        "user": server["user"],
+        "key_file": str(server["user_key"]),
+        "known_hosts": str(server["known_hosts"]),
+        "target": "rpi5",
+        "python": sys.executable,
+        "workdir": str(server["workdir"]),
+        "tags": tags,
+    }
+
+
+@contextmanager
+def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
+    """Start sshd -D on a free loopback port; stop it (and remove nothing else) on exit."""
+    root = Path(tmp_path) / "sshd"
+    with _run_sshd(root) as server:
+        lab_path = root / "lab.yaml"
+        entry = _lab_entry(server, DEVICE_NAME, ["test"])
+        lab_path.write_text(yaml.safe_dump({"devices": [entry]}, sort_keys=False))
+        yield SshdInfo(**server, lab_path=lab_path)
+
+
+@contextmanager
+def start_lab(tmp_path: Path, n: int, **lab_fields) -> Iterator[LabInfo]:
+    """n real sshds, `dev-0`..`dev-{n-1}` (target rpi5, tags [rpi5, lab-<i % 2>]), in one lab.yaml.
+    `lab_fields` are extra top-level lab fields (lease_s=3, lock=..., coordinator=...)."""
+    root = Path(tmp_path) / "lab"
+    root.mkdir(parents=True, exist_ok=True)
+    lab_path = root / "lab.yaml"
+    with ExitStack() as stack:
+        servers = [stack.enter_context(_run_sshd(root / f"dev-{i}")) for i in range(n)]
+        entries = [_lab_entry(s, f"dev-{i}", ["rpi5", f"lab-{i % 2}"]) for i, s in enumerate(servers)]
+        lab_path.write_text(yaml.safe_dump({**lab_fields, "devices": entries}, sort_keys=False))
+        yield LabInfo(
+            lab_path=lab_path,
+            devices=[SshdInfo(**s, lab_path=lab_path, device_name=f"dev-{i}") for i, s in enumerate(servers)],
+        )
+
+
+def _serve(server):
+    """Yield what the server context yields, for a session fixture; fail (never skip) when OpenSSH
+    is not installed or will not start."""
     try:
-        server = start_sshd(tmp_path_factory.mktemp("sshd"))
         info = server.__enter__()
     except SshdUnavailable as exc:
         problem = str(exc)
@@ -219,3 +252,15 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdInfo]:
             server.__exit__(None, None, None)
         return
     pytest.fail(problem, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdInfo]:
+    """One real sshd for the whole session. Fails (never skips) when OpenSSH is not installed."""
+    yield from _serve(start_sshd(tmp_path_factory.mktemp("sshd")))
+
+
+@pytest.fixture(scope="session")
+def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
+    """Three real sshds (dev-0, dev-1, dev-2) in one lab.yaml, for the whole session."""
+    yield from _serve(start_lab(tmp_path_factory.mktemp("lab3"), 3))

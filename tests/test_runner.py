@@ -31,7 +31,7 @@ MAX_NEW_TOKENS = 6
 TASK_PROMPTS = [[5, 9, 13, 17], [40, 41, 42], [7, 7, 7, 7, 7, 30], [60, 3, 12]]
 REPORT_KEYS = {"format", "throttle", "jetson", "bundle", "device", "runtime", "load_s", "smoke", "latency_ms", "first_token_ms",
                "first_token_ms_runs", "decode_tokens_per_s", "decode_ms_per_token", "accuracy", "peak_rss_mb",
-               "thermal", "wall_s"}
+               "thermal", "wall_s", "cold_ms", "sustained", "conditions", "started_unix", "finished_unix"}
 
 
 def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
@@ -245,7 +245,7 @@ def test_accuracy_counts_exact_matches(bundle, backend):
 
 def test_percentiles_on_known_data():
     assert summarize_ms(list(range(1, 101))) == {
-        "n": 100, "mean": 50.5, "p50": 50.5, "p90": 90.1, "p99": 99.01, "min": 1.0, "max": 100.0}
+        "n": 100, "mean": 50.5, "p50": 50.5, "p90": 90.1, "p99": 99.01, "min": 1.0, "max": 100.0, "reasons": {}}
     assert summarize_ms([2.0, 4.0])["p50"] == 3.0
 
 
@@ -265,9 +265,9 @@ class FakeClock:
 @pytest.mark.parametrize("min_iters, expected_n", [(3, 8), (20, 20)])
 def test_time_repeated_stops_when_both_bounds_met(min_iters, expected_n):
     clock = FakeClock()
-    warmup, samples = time_repeated(clock.step, warmup_s=0.5, min_s=1.0, min_iters=min_iters, clock=clock)
-    assert warmup == 4
-    assert samples == [125.0] * expected_n
+    warmup, samples, warmup_s, duration_s = time_repeated(clock.step, warmup_s=0.5, min_s=1.0, min_iters=min_iters, clock=clock)
+    assert warmup == 4 and warmup_s == 0.5
+    assert samples == [125.0] * expected_n and duration_s == expected_n * 0.125
 
 
 def test_thermal_zones_from_sysfs_tree(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_KEYS = {"schema", "samples", "temp_c_max", "cpu_freq_mhz_min", "cpu_freq_mhz_max", "gpu_freq_mhz_min",
@@ -19,7 +20,13 @@ SAMPLE_KEYS = {"t", "rss_mb", "ram_used_mb", "temps_c", "cpu_freq_mhz", "gpu_fre
 def tflite_build(demo_build, run_edgeft, sshd, tmp_path_factory):
     """`edgeft build --target android-arm64`, measured through the real sshd (shares finetune+merge with demo_build)."""
     out = tmp_path_factory.mktemp("android") / "bundle"
-    result = run_edgeft("build", "--target", "android-arm64", "--device", sshd.device_name, "--lab", sshd.lab_path,
+    # The loopback device is an rpi5 in its lab file; a bundle for another target is refused, so this
+    # lab declares the same sshd an android-arm64 device.
+    lab = yaml.safe_load(sshd.lab_path.read_text())
+    lab["devices"][0]["target"] = "android-arm64"
+    lab_path = out.parent / "lab.yaml"
+    lab_path.write_text(yaml.safe_dump(lab))
+    result = run_edgeft("build", "--target", "android-arm64", "--device", sshd.device_name, "--lab", lab_path,
                         "--out", out, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     return {"out": out, "report": json.loads(result.stdout)}

@@ -52,7 +52,10 @@ def alert_for(values: dict[str, int | str]) -> str:
 
 
 def telemetry_line(values: dict[str, int | str]) -> str:
-    return f"{values['device']} temp={values['temp']} batt={values['batt']} rssi={values['rssi']} errs={values['errs']}"
+    # Fixed-width fields, as gateway firmware writes them (batt=07, not batt=7): every alert rule then reads
+    # one digit at a fixed place. With a variable width, "battery < 20" was two rules (one digit, or "1x"),
+    # and the 0.8M-parameter demo model learned only one of them on some seeds and CPUs.
+    return f"{values['device']} temp={values['temp']} batt={values['batt']:02d} rssi={values['rssi']} errs={values['errs']}"
 
 
 def alert_json(device: str, alert: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from . import BUNDLE_FORMAT, RunnerError
 
 MEASURE_DEFAULTS = {
-    "warmup_s": 1.0, "min_s": 5.0, "min_iters": 20,
+    "warmup_s": 1.0, "min_s": 5.0, "min_iters": 100, "sustained_s": 0,
     "prompt_tokens": 32, "decode_tokens": 16, "first_token_runs": 5,
 }
 

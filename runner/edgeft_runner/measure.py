@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -13,23 +13,46 @@ from . import RunnerError
 from .backends import Backend
 
 
-def summarize_ms(samples_ms: list[float]) -> dict:
-    """n, mean, percentiles (linear interpolation) and extremes, rounded to microseconds."""
+# A percentile from fewer samples than this is mostly the max (p99 of 43 samples is the 43rd): reported
+# as null with the reason, and a budget on it gates INVALID, never PASS.
+MIN_SAMPLES = {"p50": 1, "p90": 20, "p99": 100}
+
+
+def summarize_ms(samples_ms: list[float], keep_samples: bool = False) -> dict:
+    """n, mean, percentiles (linear interpolation) and extremes, rounded to microseconds.
+
+    A percentile with fewer than MIN_SAMPLES samples is None and `reasons` says why; keep_samples adds
+    the raw samples (what a bootstrap against a baseline needs)."""
     data = np.asarray(samples_ms, dtype=np.float64)
-    p50, p90, p99 = np.percentile(data, [50, 90, 99])
-    return {
-        "n": int(data.size), "mean": round(float(data.mean()), 3),
-        "p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3),
-        "min": round(float(data.min()), 3), "max": round(float(data.max()), 3),
-    }
+    n = int(data.size)
+    summary: dict = {"n": n, "mean": round(float(data.mean()), 3) if n else None}
+    reasons = {}
+    for name, quantile in (("p50", 50), ("p90", 90), ("p99", 99)):
+        if n >= MIN_SAMPLES[name]:
+            summary[name] = round(float(np.percentile(data, quantile)), 3)
+        else:
+            summary[name] = None
+            reasons[name] = f"n={n} < {MIN_SAMPLES[name]} samples"
+    summary["min"] = round(float(data.min()), 3) if n else None
+    summary["max"] = round(float(data.max()), 3) if n else None
+    summary["reasons"] = reasons
+    if keep_samples:
+        summary["samples"] = [round(v, 3) for v in data.tolist()]
+    return summary
+
+
+class TimedLoop(NamedTuple):
+    warmup: int  # warm-up calls
+    samples_ms: list[float]
+    warmup_s: float  # how long the warm-up took
+    duration_s: float  # how long the timed calls took, start of the first to end of the last
 
 
 def time_repeated(fn: Callable[[], object], warmup_s: float, min_s: float, min_iters: int,
-                  clock: Callable[[], float] = time.perf_counter) -> tuple[int, list[float]]:
+                  clock: Callable[[], float] = time.perf_counter) -> TimedLoop:
     """Warm up for warmup_s (at least one call), then time calls until n >= min_iters AND elapsed >= min_s.
 
     Time-based warm-up adapts to the device: a slow board gets fewer, a fast one more.
-    Returns (warmup calls, per-call milliseconds).
     """
     warmup = 0
     start = clock()
@@ -38,13 +61,53 @@ def time_repeated(fn: Callable[[], object], warmup_s: float, min_s: float, min_i
         warmup += 1
         if clock() - start >= warmup_s:
             break
+    warmup_elapsed = clock() - start
     samples_ms = []
     start = clock()
     while len(samples_ms) < max(1, min_iters) or clock() - start < min_s:
         t0 = clock()
         fn()
         samples_ms.append((clock() - t0) * 1000.0)
-    return warmup, samples_ms
+    return TimedLoop(warmup, samples_ms, warmup_elapsed, clock() - start)
+
+
+def soak_window_s(duration_s: float) -> float:
+    """Per-minute windows; a short soak (e.g. in a test) still gets four."""
+    return min(60.0, duration_s / 4.0)
+
+
+def sustained(fn: Callable[[], object], duration_s: float,
+              clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Call fn back to back for duration_s; summarize the whole soak and each window so drift shows
+    (a board that heats up and clocks down has a slower last window than its first)."""
+    window_s = soak_window_s(duration_s)
+    windows: list[list[float]] = []
+    samples_ms: list[float] = []
+    start = clock()
+    while True:
+        t0 = clock()
+        if t0 - start >= duration_s:
+            break
+        fn()
+        elapsed_ms = (clock() - t0) * 1000.0
+        index = int((t0 - start) // window_s)
+        while len(windows) <= index:
+            windows.append([])
+        windows[index].append(elapsed_ms)
+        samples_ms.append(elapsed_ms)
+    window_rows = []
+    for index, window in enumerate(windows):
+        summary = summarize_ms(window)
+        window_rows.append({"t_start_s": round(index * window_s, 3), "n": summary["n"], "p50": summary["p50"],
+                            "p99": summary["p99"], "reasons": summary["reasons"]})
+    first, last = (window_rows[0]["p50"], window_rows[-1]["p50"]) if window_rows else (None, None)
+    return {
+        "duration_s": round(clock() - start, 3),
+        "window_s": round(window_s, 3),
+        "windows": window_rows,
+        "drift_p50": round(last / first - 1.0, 4) if first and last is not None else None,  # last window vs first
+        "latency_ms": summarize_ms(samples_ms),
+    }
 
 
 def prompt_ids(num_tokens: int, vocab_size: int) -> np.ndarray:

@@ -33,6 +33,20 @@ def clock_sample(sysfs_root: str | Path) -> dict:
     return {"cpu_freq_mhz": cpu, "gpu_freq_mhz": round(gpu_hz[0] / 1e6, 1) if gpu_hz else None}
 
 
+def cpu_governors(sysfs_root: str | Path) -> tuple[dict[str, str] | None, str | None]:
+    """({policy: scaling_governor}, None), or (None, why): a "powersave" or "ondemand" board measures
+    a slower or noisier device than a "performance" one."""
+    governors = {}
+    for policy in cpufreq_policies(sysfs_root):
+        try:
+            governors[policy.name] = (policy / "scaling_governor").read_text().strip()
+        except OSError:
+            continue
+    if governors:
+        return governors, None
+    return None, f"no readable cpufreq scaling_governor under {Path(sysfs_root) / 'devices/system/cpu/cpufreq'}"
+
+
 class TelemetrySampler:
     """Context manager: samples every ~0.2 s on a daemon thread; optionally writes JSON lines.
 

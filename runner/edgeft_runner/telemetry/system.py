@@ -94,3 +94,19 @@ def peak_rss_mb() -> float | None:
     maxrss_mb = maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
     candidates = [v for v in (hwm, maxrss_mb) if v]
     return round(max(candidates), 1) if candidates else None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (exec), from /proc: the start of a cold start.
+
+    /proc/self/stat field 22 is the start time in clock ticks since boot (10 ms resolution at the usual
+    100 Hz); /proc/uptime is now, in seconds since boot. None where /proc is not Linux's."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        # The command name (field 2) is in parentheses and may hold spaces: split after its last ')'.
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        ticks_per_s = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime_s - start_ticks / ticks_per_s)
