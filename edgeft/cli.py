@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 
 from . import __version__
+from .artifact import write_atomic
 from .errors import EdgeftError
 from edgeft_runner import RunnerError
 
@@ -232,11 +233,14 @@ def measure(bundle, device, lab, wait_s, trust_new_host_key, report_path, sysfs_
     options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root, wait_s=wait_s,
                            baseline=check_baseline_arg(baseline) if baseline else None)
     samples = report_path.with_name(f"{report_path.stem}.telemetry.jsonl") if report_path else None
+    if report_path:  # before measuring: a --report that cannot be written fails now, not after the run
+        try:
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.UsageError(f"--report {report_path}: cannot create its directory ({exc.strerror})") from None
     report = measure_bundle(bundle, options, log, samples)
     if report_path:
-        tmp = report_path.with_name(f".{report_path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(report_path)
+        write_atomic(report_path, json.dumps(report, indent=2))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     if not quiet:
@@ -432,8 +436,9 @@ def hil_group():
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), help="Seconds a job waits for a device another run holds. Default: the suite's wait_s (0).")
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
 @click.option("--threads", default=2, show_default=True, help="Host CPU threads for the suite's build recipes.")
+@click.option("--baseline", type=click.Path(path_type=Path), help="A report.json or a directory (e.g. an earlier run's hil-results/) searched for the newest PASS report of each device and model lineage: max_regression gates on it.")
 @click.option("--quiet", "-q", is_flag=True, help="No status lines; the summary table still prints.")
-def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_key, threads, quiet):
+def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_key, threads, baseline, quiet):
     """Run a suite: every bundle on every device it selects, each device reserved, pushed, measured and
     gated as `edgeft measure` does; devices run in parallel. A device that is unreachable, unhealthy or
     held past --wait fails its jobs (JUnit <error>) and the others go on.
@@ -446,14 +451,17 @@ def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_
       edgeft hil run hil/suites/smoke.yaml
       edgeft hil run hil/suites/smoke.yaml --junit hil-junit.xml --json hil.json --wait 600
       edgeft hil run my-suite.yaml --lab ci/lab.yaml --parallel 2
+      edgeft hil run hil/suites/smoke.yaml --baseline hil-results/   # regression vs the last good run
     """
     from .hil import default_results_dir, load_suite, plan_suite, run_suite, suite_exit_code, write_results
+    from .regression import check_baseline_arg
 
     log = _logger(quiet)
     loaded = load_suite(suite)
     with _progress(not quiet and any(b.target for b in loaded.bundles)) as progress:  # bars only for build recipes
         plan = plan_suite(loaded, lab, default_results_dir(json_path), log, threads=threads, progress=progress)
-    result = run_suite(plan, parallel=parallel, wait_s=wait_s, trust_new_host_key=trust_new_host_key, log=log)
+    result = run_suite(plan, parallel=parallel, wait_s=wait_s, trust_new_host_key=trust_new_host_key, log=log,
+                       baseline=check_baseline_arg(baseline) if baseline else None)
     write_results(result, json_path, junit_path)
     _hil_table(result)
     for path, what in ((json_path, "results"), (junit_path, "JUnit")):

@@ -245,12 +245,11 @@ def _runs(device: LabDevice, target: str, arch: str | None, runtime: str | None,
 # -------------------------------------------------------------------------------------- running
 def measure_reserved_bundle(reservation: Reservation, bundle_dir: Path, overrides: dict[str, Any], log: Callable[[str], None],
                             samples_to: Path | None = None, lab_path: Path | None = None,
-                            runner_args: Sequence[str] = ()) -> dict[str, Any]:
-    """Measure a bundle on a held device and gate it on its own budgets with `overrides` applied."""
-    options = BuildOptions(target="", device=reservation.name, lab=lab_path)
-    # Only when set: measure_bundle takes runner_args once it passes them on to measure_reserved (see api.md).
-    extra = {"runner_args": list(runner_args)} if runner_args else {}
-    report = measure_bundle(bundle_dir, options, log, samples_to, reservation=reservation, **extra)
+                            runner_args: Sequence[str] = (), baseline: Path | None = None) -> dict[str, Any]:
+    """Measure a bundle on a held device and gate it on its own budgets with `overrides` applied (and, with
+    `baseline`, on regression against the last good report of the same device and lineage)."""
+    options = BuildOptions(target="", device=reservation.name, lab=lab_path, baseline=baseline)
+    report = measure_bundle(bundle_dir, options, log, samples_to, reservation=reservation, runner_args=runner_args)
     if overrides:
         manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
         budgets = Budgets.model_validate({**manifest["profile"]["budgets"], **overrides})
@@ -263,7 +262,8 @@ def _file_part(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def run_job(job: Job, plan: Plan, wait_s: float, trust_new_host_key: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def run_job(job: Job, plan: Plan, wait_s: float, trust_new_host_key: bool, log: Callable[[str], None],
+            baseline: Path | None = None) -> dict[str, Any]:
     """Reserve, push, measure and gate one bundle on one device; any failure becomes this job's error."""
     started = time.time()
     device = job.selector.label
@@ -278,7 +278,7 @@ def run_job(job: Job, plan: Plan, wait_s: float, trust_new_host_key: bool, log: 
             samples_tmp = stem.with_name(f".{stem.name}.telemetry.jsonl.{os.getpid()}.tmp")
             try:
                 report = measure_reserved_bundle(reservation, job.bundle_dir, job.overrides, say, samples_tmp, plan.lab_path,
-                                                 plan.suite.measure.runner_args())
+                                                 plan.suite.measure.runner_args(), baseline)
                 samples = stem.with_name(f"{stem.name}.telemetry.jsonl")
                 if samples_tmp.exists():
                     os.replace(samples_tmp, samples)
@@ -301,7 +301,7 @@ def run_job(job: Job, plan: Plan, wait_s: float, trust_new_host_key: bool, log: 
 
 
 def run_suite(plan: Plan, parallel: int | None = None, wait_s: float | None = None, trust_new_host_key: bool = False,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, baseline: Path | None = None) -> dict[str, Any]:
     """Run every job (lanes in parallel, bounded by `parallel`; default one thread per lane); returns the
     suite result with one record per job, in plan order."""
     wait = plan.suite.wait_s if wait_s is None else wait_s
@@ -315,7 +315,7 @@ def run_suite(plan: Plan, parallel: int | None = None, wait_s: float | None = No
         for index in indices:
             if stopping.is_set():
                 return
-            records[index] = run_job(plan.jobs[index], plan, wait, trust_new_host_key, log)
+            records[index] = run_job(plan.jobs[index], plan, wait, trust_new_host_key, log, baseline)
 
     started = time.time()
     workers = max(1, min(parallel or len(lanes), len(lanes)))
