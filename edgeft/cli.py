@@ -207,13 +207,14 @@ def _summary(report: dict) -> None:
 @click.option("--device", "-d", default="local", show_default=True, help="'local' (this machine) or a device name from the lab file.")
 @click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it; then fail naming the holder.")
+@click.option("--tags", "tags", multiple=True, help="Instead of --device: measure on any healthy, free lab device that has all these tags (repeat the option).")
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report JSON here, and the telemetry samples (JSON lines) beside it as <name>.telemetry.jsonl.")
 @click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
 @click.option("--baseline", type=click.Path(path_type=Path), help="An earlier report.json, or a directory searched for the newest PASS report of the same device and model lineage: the profile's max_regression fails the gate on a slowdown beyond it with 95% confidence (bootstrap).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
-def measure(bundle, device, lab, wait_s, trust_new_host_key, report_path, sysfs_root, baseline, as_json, quiet):
+def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, sysfs_root, baseline, as_json, quiet):
     """Measure a finished bundle on a device and gate it on the budgets it was built with.
 
     The bundle's files are checked against its manifest first; nothing is rebuilt. For CI on lab
@@ -224,13 +225,16 @@ def measure(bundle, device, lab, wait_s, trust_new_host_key, report_path, sysfs_
       edgeft measure build/rpi5 --device rpi5-lab-1
       edgeft measure build/rpi5 -d rpi5-lab-2 --report hil-rpi5-lab-2.json
       edgeft measure build/rpi5 -d rpi5-lab-1 --wait 600   # the board is shared: wait for it
+      edgeft measure build/rpi5 --tags rpi5 --wait 600     # any free, healthy rpi5 board
       edgeft measure build/rpi5 -d rpi5-lab-1 --report r.json --baseline last-good/   # regression gate
     """
     from .build import BuildOptions, measure_bundle
     from .regression import check_baseline_arg
 
     log = _logger(quiet)
-    options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root, wait_s=wait_s,
+    if tags and device != "local":
+        raise click.UsageError("give --device or --tags, not both")
+    options = BuildOptions(target="", device=device, lab=lab, trust_new_host_key=trust_new_host_key, sysfs_root=sysfs_root, wait_s=wait_s, tags=tuple(tags),
                            baseline=check_baseline_arg(baseline) if baseline else None)
     samples = report_path.with_name(f"{report_path.stem}.telemetry.jsonl") if report_path else None
     if report_path:  # before measuring: a --report that cannot be written fails now, not after the run
@@ -244,7 +248,7 @@ def measure(bundle, device, lab, wait_s, trust_new_host_key, report_path, sysfs_
     if as_json:
         click.echo(json.dumps(report, indent=2))
     if not quiet:
-        _print_report(report, f"{bundle} on {device}")
+        _print_report(report, f"{bundle} on {report['device']['name']}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
 
 

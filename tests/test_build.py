@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_bundle_is_complete_and_verified(demo_build):
     assert (out / "telemetry.jsonl").stat().st_size > 0  # the measurement's samples, kept beside the report
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [e for e in log if "eval_loss" in e]
-    assert len(evals) == 4 and all(0 <= e["eval_exact_match"] <= 1 for e in evals)  # one eval per epoch
+    assert len(evals) == 8 and all(0 <= e["eval_exact_match"] <= 1 for e in evals)  # one eval per epoch (arm-int8: 8)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["eval_exact_match"] > 0.8
     assert set(manifest["files"]) >= {"model.onnx", "golden.npz", "task.json", "tokenizer/tokenizer.json"}
     for tool in ("torch", "transformers", "peft", "onnxruntime", "edgeft"):
@@ -186,3 +187,17 @@ def test_measure_an_existing_bundle_over_ssh_and_refuse_a_tampered_one(demo_buil
     result = run_edgeft("measure", bundle)
     assert result.returncode == 2 and "model.onnx" in result.stderr and "modified" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_demo_that_misses_its_gate_is_reported_in_one_line():
+    from conftest import _demo_problem
+
+    report = {"gate": {"verdict": "FAIL", "checks": [
+        {"budget": "latency_ms_p99", "status": "pass", "measured": 2.3, "limit": 200},
+        {"budget": "min_accuracy", "status": "fail", "measured": 0.6958, "limit": 0.8},
+        {"budget": "max_temp_c", "status": "skipped", "measured": None, "limit": 85}]}}
+    failed = subprocess.CompletedProcess([], 1, stdout=json.dumps(report), stderr="lots\nof\nprogress\n")
+    assert _demo_problem(failed, report) == "FAIL (exit 1): min_accuracy: measured 0.6958, budget 0.8"
+    crashed = subprocess.CompletedProcess([], 2, stdout="", stderr="progress\nerror: rpi5: something is wrong; fix it\n\n")
+    assert _demo_problem(crashed, None) == "exit 2: error: rpi5: something is wrong; fix it"
+    assert _demo_problem(subprocess.CompletedProcess([], 0, stdout="{}", stderr=""), {"gate": {}}) is None

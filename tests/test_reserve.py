@@ -321,6 +321,11 @@ def measure_on_a_shared_emulated_device(bundle: Path, tmp_path: Path) -> None:
         assert report["accuracy"]["device"] is not None
         workdir = lab.devices[0].workdir
         assert tree(workdir) == [".edgeft-lock.guard", "runs"]
+        # --tags instead of a name: any free device with the tags (here the only one)
+        by_tags = subprocess.run([*EDGEFT, "measure", str(bundle), "--tags", "rpi5", "--tags", "lab-0", "--lab", str(lab.lab_path), "--json"],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert json.loads(by_tags.stdout)["device"]["name"] == "dev-0", by_tags.stderr
+        assert tree(workdir) == [".edgeft-lock.guard", "runs"]
 
 
 def test_measure_waits_for_a_shared_device_and_reports_emulated(demo_build, tmp_path):
