@@ -14,7 +14,7 @@ from ..artifact import atomic_dir, cache_root, digest_of, sha256_file
 from . import generate
 
 RECIPE = {
-    "version": 2,  # 2: documents end with EOS (see documents())
+    "version": 2,  # 2: BOS...EOS documents (see documents()), fixed-width readings (generate.telemetry_line)
     "vocab_size": 384,
     "hidden_size": 128,
     "intermediate_size": 256,
