@@ -20,6 +20,7 @@ from .device.reserve import Reservation, check_target, reserve
 from .errors import BundleError, ConfigError, DeviceError, ModelError
 from .gate import evaluate
 from .regression import regression_block
+from .report_html import render_report
 
 REPORT_FORMAT = "edgeft-report/1"
 # The exported model each runtime loads, and the precisions it can run.
@@ -385,6 +386,7 @@ def write_bundle(prep: Prepared, final: Artifact, outcomes, use_measure_cache: b
         report["bundle"] = {"path": str(prep.out)}
         report["wall_s"] = round(time.perf_counter() - prep.started, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.html").write_text(render_report(report, tmp))  # the same report, for people
     return report
 
 

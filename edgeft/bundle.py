@@ -20,7 +20,7 @@ from .evaluate import max_new_tokens_for
 
 FORMAT = "edgeft-bundle/1"
 # Written by the measurement, after the manifest: not part of what the manifest vouches for.
-MEASUREMENT_FILES = ("manifest.json", "report.json", "telemetry.jsonl")
+MEASUREMENT_FILES = ("manifest.json", "report.json", "report.html", "telemetry.jsonl")
 TOOLS = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "onnxruntime", "tokenizers", "litert-torch",
          "ai-edge-quantizer", "ai-edge-litert")
 GOLDEN_ATOL = 1e-3  # the same model on another CPU: float reorderings stay far below this

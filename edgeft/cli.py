@@ -95,9 +95,10 @@ def _terminated(signum, frame) -> None:
 @click.option("--adapter-dir", type=click.Path(path_type=Path), help="Start from this adapter (written by `edgeft finetune`, e.g. on many GPUs) instead of running the profile's finetune stage.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="An earlier report.json, or a directory searched for the newest PASS report of the same device and model lineage: the profile's max_regression fails the gate on a slowdown beyond it with 95% confidence (bootstrap).")
 @click.option("--no-measure", is_flag=True, help="Write the bundle without measuring it (e.g. a Jetson bundle built on a host without TensorRT); measure it later with `edgeft measure`.")
+@click.option("--prometheus", "prometheus", type=click.Path(path_type=Path), help="Also write the result as Prometheus metrics to this *.prom file, or edgeft.prom in this directory (node_exporter textfile collector).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
-def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, baseline, no_measure, as_json, quiet):
+def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, baseline, no_measure, prometheus, as_json, quiet):
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
@@ -114,6 +115,7 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
       edgeft build -t rpi5 --data acme.jsonl --adapter acme --out build/acme   # one adapter per customer
       edgeft build -t rpi5 --model ./my-llama --data train.jsonl --adapter-dir adapters/a   # from `edgeft finetune`
       edgeft build -t rpi5 -d rpi5-lab-1 --baseline reports/   # fail on a slowdown beyond max_regression
+      edgeft build -t rpi5 --prometheus /var/lib/node_exporter/textfile/   # metrics for dashboards
     """
     from .build import BuildOptions
     from .build import build as run_build
@@ -130,6 +132,9 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
         raise click.UsageError("--adapter names the adapter to train; an --adapter-dir adapter has its name already (edgeft finetune --adapter)")
     if do_search and no_measure:
         raise click.UsageError("--search measures every candidate; it cannot be combined with --no-measure")
+    if prometheus and (do_search or no_measure):
+        raise click.UsageError("--prometheus writes one measured bundle's results; it cannot be combined with --search or --no-measure")
+    prometheus_file = _prometheus_path(prometheus)
     if do_search:
         from .search import search
 
@@ -142,6 +147,8 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
         sys.exit(0 if result["chosen"] else 1)
     with _progress(not quiet) as progress:
         report = run_build(options, progress=progress, log=log)
+    if prometheus_file:
+        _write_prometheus(prometheus_file, [(report["bundle"]["path"], report)])
     if as_json:
         click.echo(json.dumps(report, indent=2))
     if no_measure:
@@ -167,6 +174,19 @@ def _print_report(report: dict, where: str) -> None:
         console.print(f"  [yellow]throttled:[/] {reason}")
     colour = {"PASS": "green", "FAIL": "red", "INVALID": "yellow"}[report["gate"]["verdict"]]
     console.print(f"[bold {colour}]{report['gate']['verdict']}[/]  {where}")
+
+
+def _prometheus_path(dest: Path | None) -> Path | None:
+    """The file --prometheus will write, checked before any long work (None without --prometheus)."""
+    from .prometheus import prometheus_path
+
+    return prometheus_path(dest) if dest else None
+
+
+def _write_prometheus(path: Path, results: list[tuple[Path | str, dict]]) -> None:
+    from .prometheus import bundle_label, write_prometheus
+
+    write_prometheus(path, [(bundle_label(bundle), report) for bundle, report in results])
 
 
 def _logger(quiet: bool):
@@ -209,12 +229,13 @@ def _summary(report: dict) -> None:
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it; then fail naming the holder.")
 @click.option("--tags", "tags", multiple=True, help="Instead of --device: measure on any healthy, free lab device that has all these tags (repeat the option).")
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report JSON here, and the telemetry samples (JSON lines) beside it as <name>.telemetry.jsonl.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the report JSON here, the telemetry samples (JSON lines) beside it as <name>.telemetry.jsonl, and the HTML report as <name>.html.")
 @click.option("--sysfs-root", help="Read the device's thermal zones under this root instead of /sys (for tests).", hidden=True)
 @click.option("--baseline", type=click.Path(path_type=Path), help="An earlier report.json, or a directory searched for the newest PASS report of the same device and model lineage: the profile's max_regression fails the gate on a slowdown beyond it with 95% confidence (bootstrap).")
+@click.option("--prometheus", "prometheus", type=click.Path(path_type=Path), help="Also write the result as Prometheus metrics to this *.prom file, or edgeft.prom in this directory (node_exporter textfile collector).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
-def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, sysfs_root, baseline, as_json, quiet):
+def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, sysfs_root, baseline, prometheus, as_json, quiet):
     """Measure a finished bundle on a device and gate it on the budgets it was built with.
 
     The bundle's files are checked against its manifest first; nothing is rebuilt. For CI on lab
@@ -227,6 +248,7 @@ def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, 
       edgeft measure build/rpi5 -d rpi5-lab-1 --wait 600   # the board is shared: wait for it
       edgeft measure build/rpi5 --tags rpi5 --wait 600     # any free, healthy rpi5 board
       edgeft measure build/rpi5 -d rpi5-lab-1 --report r.json --baseline last-good/   # regression gate
+      edgeft measure build/rpi5 -d rpi5-lab-1 --prometheus /var/lib/node_exporter/textfile/
     """
     from .build import BuildOptions, measure_bundle
     from .regression import check_baseline_arg
@@ -242,14 +264,45 @@ def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, 
             report_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise click.UsageError(f"--report {report_path}: cannot create its directory ({exc.strerror})") from None
+    prometheus_file = _prometheus_path(prometheus)
     report = measure_bundle(bundle, options, log, samples)
+    if prometheus_file:
+        _write_prometheus(prometheus_file, [(bundle, report)])
     if report_path:
         write_atomic(report_path, json.dumps(report, indent=2))
+        from .report_html import render_report
+
+        write_atomic(report_path.with_suffix(".html"), render_report(report, Path(bundle), telemetry_path=samples))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     if not quiet:
         _print_report(report, f"{bundle} on {report['device']['name']}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
+
+
+@main.command("report")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="HTML file to write. Default: the report's name with .html, beside it.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), help="The bundle a `measure --report` file was measured from (its manifest and training log). Default: the report's directory, else the bundle it names.")
+def report_cmd(source, out, bundle_dir):
+    """Write the HTML report of a bundle, a report .json or HIL results: self-contained (no network), plots inline.
+
+    Summary and gate checks, latency histogram and CDF, telemetry over time, accuracy per stage and
+    forgetting, fine-tuning curves, data splits. `edgeft build` and `edgeft measure --report` write it
+    already; this renders it again, e.g. for an older report.
+
+    \b
+    Examples:
+      edgeft report build/rpi5                       # writes build/rpi5/report.html
+      edgeft report hil-rpi5-lab-2.json --bundle build/rpi5 -o r.html   # a `measure --report` file
+      edgeft report hil.json                          # `hil run --json` results: one row per job, linked
+    """
+    from .report_html import render_report_file
+
+    html, report_path = render_report_file(source, bundle_dir)
+    dest = out or report_path.with_suffix(".html")
+    write_atomic(dest, html)
+    click.echo(str(dest))
 
 
 @main.command()
@@ -441,8 +494,9 @@ def hil_group():
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
 @click.option("--threads", default=2, show_default=True, help="Host CPU threads for the suite's build recipes.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="A report.json or a directory (e.g. an earlier run's hil-results/) searched for the newest PASS report of each device and model lineage: max_regression gates on it.")
+@click.option("--prometheus", "prometheus", type=click.Path(path_type=Path), help="Also write every job's result as Prometheus metrics (one sample set per bundle × device) to this *.prom file, or edgeft.prom in this directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No status lines; the summary table still prints.")
-def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_key, threads, baseline, quiet):
+def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_key, threads, baseline, prometheus, quiet):
     """Run a suite: every bundle on every device it selects, each device reserved, pushed, measured and
     gated as `edgeft measure` does; devices run in parallel. A device that is unreachable, unhealthy or
     held past --wait fails its jobs (JUnit <error>) and the others go on.
@@ -456,17 +510,21 @@ def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_
       edgeft hil run hil/suites/smoke.yaml --junit hil-junit.xml --json hil.json --wait 600
       edgeft hil run my-suite.yaml --lab ci/lab.yaml --parallel 2
       edgeft hil run hil/suites/smoke.yaml --baseline hil-results/   # regression vs the last good run
+      edgeft hil run hil/suites/smoke.yaml --prometheus /var/lib/node_exporter/textfile/
     """
     from .hil import default_results_dir, load_suite, plan_suite, run_suite, suite_exit_code, write_results
     from .regression import check_baseline_arg
 
     log = _logger(quiet)
+    prometheus_file = _prometheus_path(prometheus)
     loaded = load_suite(suite)
     with _progress(not quiet and any(b.target for b in loaded.bundles)) as progress:  # bars only for build recipes
         plan = plan_suite(loaded, lab, default_results_dir(json_path), log, threads=threads, progress=progress)
     result = run_suite(plan, parallel=parallel, wait_s=wait_s, trust_new_host_key=trust_new_host_key, log=log,
                        baseline=check_baseline_arg(baseline) if baseline else None)
     write_results(result, json_path, junit_path)
+    if prometheus_file:  # a job that could not run (ERROR) has no report, so no samples
+        _write_prometheus(prometheus_file, [(job["bundle"], job["report"]) for job in result["jobs"] if job.get("report")])
     _hil_table(result)
     for path, what in ((json_path, "results"), (junit_path, "JUnit")):
         if path is not None:
@@ -635,6 +693,43 @@ def lab_emulate(name, lab, target, stop, as_json, quiet):
     result = stop_board(name, log=log) if stop else emulate(name, lab, target=target, log=log)
     if as_json:
         click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option("--device", "-d", help="Also probe this lab device, as `edgeft lab check` does.")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML (its key_file entries are checked too). Default: hil/lab.yaml with --device.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def doctor(device, lab, trust_new_host_key, as_json):
+    """Check this host (and a device) for what edgeft needs: Python, the torch build (CPU or CUDA),
+    bitsandbytes, transformers, peft, ONNX and ONNX Runtime, the optional LiteRT converter,
+    quantizer and runtime, TensorRT, paramiko, an SSH key, the build cache and its free space.
+    One line per check (ok, warn or missing) with the command that fixes it.
+
+    \b
+    Exit status: 0 nothing required is missing (optional parts may be), 1 something required is
+    missing or the device is unhealthy, 2 bad input (e.g. no such device in the lab file).
+    \b
+    Examples:
+      edgeft doctor
+      edgeft doctor --device rpi5-lab-1
+      edgeft doctor --json | jq '.checks[] | select(.status != "ok")'
+    """
+    from rich.markup import escape
+
+    from .doctor import doctor as run_doctor
+
+    result = run_doctor(device, lab, trust_new_host_key)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        colour = {"ok": "green", "warn": "yellow", "missing": "red"}
+        for c in result["checks"]:
+            optional = "" if c["required"] or c["status"] == "ok" else " (optional)"
+            console.print(f"[{colour[c['status']]}]{c['status']:7}[/] {escape(c['name']):18} {escape(c['detail'])}{optional}", soft_wrap=True)
+            if c["fix"]:
+                console.print(f"        {'':18} [dim]fix:[/] {escape(c['fix'])}", soft_wrap=True)
+    sys.exit(0 if result["ok"] else 1)
 
 
 @main.command()

@@ -38,6 +38,7 @@ from .device import LOCAL_DEVICE, RunResult, push_verified
 from .device.reserve import Reservation, check_target, reserve
 from .errors import BundleError, ConfigError, DeviceError, EdgeftError
 from .gate import describe, evaluate
+from .report_html import render_report, render_suite
 
 RESULTS_FORMAT = "edgeft-hil/1"
 DEFAULT_RESULTS_DIR = Path("hil-results")
@@ -287,7 +288,10 @@ def run_job(job: Job, plan: Plan, wait_s: float, trust_new_host_key: bool, log: 
                 samples_tmp.unlink(missing_ok=True)
         report_path = stem.with_name(f"{stem.name}.json")
         write_atomic(report_path, json.dumps(report, indent=2))
-        record.update(verdict=report["gate"]["verdict"], report=report, report_path=str(report_path))
+        html_path = stem.with_name(f"{stem.name}.html")
+        samples_path = record.get("samples_path")
+        write_atomic(html_path, render_report(report, job.bundle_dir, telemetry_path=Path(samples_path) if samples_path else None))
+        record.update(verdict=report["gate"]["verdict"], report=report, report_path=str(report_path), html_path=str(html_path))
         say(f"{report['gate']['verdict']}")
     except (EdgeftError, RunnerError) as exc:
         record.update(verdict="ERROR", error=str(exc))
@@ -447,6 +451,7 @@ def held_device(name: str | None = None, *, tags: Sequence[str] = (), lab_path: 
 def write_results(result: dict[str, Any], json_path: Path | None, junit_path: Path | None) -> None:
     if json_path is not None:
         write_atomic(json_path, json.dumps(result, indent=2))
+        write_atomic(json_path.with_suffix(".html"), render_suite(result, json_path.parent))  # links to each job's page
     if junit_path is not None:
         write_atomic(junit_path, junit_xml(result))
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import pipeline
+from .artifact import write_atomic
 from .build import BuildOptions, compile_model, package_and_measure, prepare, write_bundle
 from .errors import ConfigError
+from .report_html import render_search
 from .stages import STAGES
 
 # When the profile has no `search:` section. Pruned candidates are recovered by distillation.
@@ -126,5 +128,6 @@ def _save(prep, result: dict[str, Any]) -> dict[str, Any]:
     tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp_path.write_text(json.dumps(result, indent=2))
     tmp_path.replace(path)
+    write_atomic(path.with_suffix(".html"), render_search(result))  # <out>.search.html: the trade-off, plotted
     result["search_json"] = str(path)
     return result

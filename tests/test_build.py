@@ -49,7 +49,7 @@ def test_finetune_raises_accuracy_and_compression_keeps_it(demo_build):
 def test_bundle_is_complete_and_verified(demo_build):
     out = demo_build["out"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"] == hash_dir(out, skip=("manifest.json", "report.json", "telemetry.jsonl"))
+    assert manifest["files"] == hash_dir(out, skip=("manifest.json", "report.json", "report.html", "telemetry.jsonl"))
     assert (out / "telemetry.jsonl").stat().st_size > 0  # the measurement's samples, kept beside the report
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [e for e in log if "eval_loss" in e]

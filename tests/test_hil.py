@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -113,6 +115,23 @@ def test_suite_runs_devices_in_parallel_and_reports_junit(bundle, lab, lab3, tmp
     # The summary table on stderr: one row per bundle × device.
     rows = [line for line in result.stderr.splitlines() if line.lstrip("│ ").startswith(("demo-pass", "demo-fail"))]
     assert len(rows) == 6, result.stderr[-3000:]
+
+    # The HTML pages: one per job that ran, and the suite's page (hil.html beside hil.json) linking to them.
+    page = tmp_path / "out" / "hil.html"
+    html = page.read_text()
+    assert html.count('<tr class="job">') == 6 and html.count('<td class="ERROR">ERROR</td>') == 2
+    links = re.findall(r'<a href="([^"]+)">report</a>', html)
+    assert sorted(links) == sorted(Path(jobs[b, d]["html_path"]).relative_to(tmp_path / "out").as_posix()
+                                   for b in ("demo-pass", "demo-fail") for d in ("dev-0", "dev-1"))
+    job_page = Path(jobs["demo-fail", "dev-0"]["html_path"]).read_text()
+    assert '<td class="FAIL">FAIL</td><td>max_model_mb</td>' in job_page and job_page.count("<svg") >= 3
+    if shutil.which("chromium"):  # the suite page and a linked job page, drawn by a real browser
+        from test_report_html import SECTIONS, _chromium
+
+        dom = _chromium(tmp_path / "profile", "--dump-dom", page.as_uri()).stdout
+        assert dom.count('<tr class="job">') == 6
+        dom = _chromium(tmp_path / "profile", "--dump-dom", (page.parent / links[0]).as_uri()).stdout
+        assert all(f'<section id="{section}">' in dom for section in SECTIONS) and dom.count("<svg") >= 3
 
 
 def test_two_runs_on_one_device_never_overlap(bundle, lab, tmp_path):

@@ -40,6 +40,9 @@ def test_search_picks_known_answer_and_caches_measurements(demo_build, run_edgef
     assert rows[loose["chosen"]]["accuracy"] == best
     assert json.loads((out / "report.json").read_text())["search"]["chosen"] == loose["chosen"]
     assert json.loads((tmp_path / "loose.search.json").read_text())["chosen"] == loose["chosen"]
+    page = (tmp_path / "loose.search.html").read_text()
+    assert f"Chosen: <b>{loose['chosen']}</b>" in page and page.count('<tr class="candidate">') == len(CANDIDATES)
+    assert '<section id="summary">' in (out / "report.html").read_text()  # the chosen bundle has its report page
     assert rows["int4"]["size_bytes"] < rows["int8-dynamic"]["size_bytes"] < rows["fp32"]["size_bytes"]
     assert rows["int4"]["size_bytes"] < rows["int8-static"]["size_bytes"] < rows["fp32"]["size_bytes"]
     # Every quantized candidate stayed within its tolerance (else its stage would have failed) and accurate.
@@ -64,3 +67,7 @@ def test_search_with_impossible_budgets_exits_1_naming_the_closest(demo_build, r
     assert data["closest"]["candidate"] == fastest["candidate"]
     assert "closest:" in result.stderr and "missed latency_ms_p99" in result.stderr
     assert not out.exists()  # no bundle when nothing qualifies
+    # The search page beside the JSON: every candidate in the table and in the plot, nothing chosen.
+    page = (tmp_path / "impossible.search.html").read_text()
+    assert page.count('<tr class="candidate">') == len(CANDIDATES) and "nothing chosen" in page
+    assert page.count("<svg") == 1 and all(name in page for name in CANDIDATES)
