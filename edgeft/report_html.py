@@ -390,7 +390,7 @@ p50 {{ fmt(latency.p50) }} ms, p90 {{ fmt(latency.p90) }} ms, p99 {{ fmt(latency
 </table></section>
 
 <section id="telemetry"><h2>Telemetry</h2>
-{% if throttle.throttled %}<p class="FAIL">the device throttled during the run: {{ throttle.reasons | join(", ") }}</p>
+{% if throttle.get("throttled") %}<p class="FAIL">the device throttled during the run: {{ throttle.get("reasons", []) | join(", ") }}</p>
 {% elif throttle %}<p>no throttling seen during the run.</p>{% endif %}
 {% if telemetry_rows %}<p>{{ telemetry_rows }} samples from <code>telemetry.jsonl</code>.</p>{% else %}<p class="note">no telemetry samples with this report</p>{% endif %}
 {% for title, svg in telemetry_svgs %}<h3>{{ title }}</h3>{{ svg | safe }}{% endfor %}
