@@ -320,12 +320,15 @@ td:nth-child(-n+4), th { white-space: nowrap; }
 .SKIP, .INVALID { color: #9a6700; font-weight: bold; } .note { color: #666; } code { font-size: .9em; }
 svg { max-width: 100%; height: auto; display: block; }
 """
-_SEARCH_TEMPLATE = _ENV.from_string("""\
-<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>edgeft budget search: {{ r.target }} ({{ r.chosen or "nothing chosen" }})</title>
-<style>""" + _STYLE + """</style></head><body>
+def _page(title: str, body: str) -> jinja2.Template:
+    """A page template: the shared head (title, inline style, nothing external) and then `body`."""
+    return _ENV.from_string(
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{title}</title>\n<style>{_STYLE}</style></head><body>\n" + body)
+
+
+_SEARCH_TEMPLATE = _page("edgeft budget search: {{ r.target }} ({{ r.chosen or \"nothing chosen\" }})", """\
 <h1>edgeft budget search: {{ r.target }} on {{ r.device }}, profile {{ r.profile }}</h1>
 <section id="search"><h2>Candidates</h2>
 <p>{% if r.chosen %}Chosen: <b>{{ r.chosen }}</b>{% else %}<span class="FAIL">nothing chosen</span>{% endif %}. {{ r.why }}</p>
@@ -338,12 +341,7 @@ _SEARCH_TEMPLATE = _ENV.from_string("""\
 </table></section>
 </body></html>
 """)
-_SUITE_TEMPLATE = _ENV.from_string("""\
-<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>edgeft HIL suite: {{ suite }}</title>
-<style>""" + _STYLE + """</style></head><body>
+_SUITE_TEMPLATE = _page("edgeft HIL suite: {{ suite }}", """\
 <h1>edgeft HIL suite: {{ suite }}</h1>
 <section id="jobs"><h2>Jobs</h2>
 <p>{{ rows | length }} job(s), one per bundle × device{% if wall_s is not none %}, {{ fmt(wall_s) }} s{% endif %}.</p>
@@ -355,12 +353,7 @@ _SUITE_TEMPLATE = _ENV.from_string("""\
 </table></section>
 </body></html>
 """)
-_TEMPLATE = _ENV.from_string("""\
-<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>edgeft report: {{ target }} on {{ device_name }} ({{ verdict }})</title>
-<style>""" + _STYLE + """</style></head><body>
+_TEMPLATE = _page("edgeft report: {{ target }} on {{ device_name }} ({{ verdict }})", """\
 <h1>edgeft report: {{ target }} on {{ device_name }} — <span class="{{ verdict }}">{{ verdict }}</span></h1>
 
 <section id="summary"><h2>Summary</h2>
