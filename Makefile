@@ -17,13 +17,15 @@ $(BIN)/edgeft: pyproject.toml
 
 install: $(BIN)/edgeft
 
-# The tests run real OpenSSH servers on 127.0.0.1, an emulated ARM64 board (qemu-user + debootstrap) and
-# headless Chromium (the HTML report);
+# The tests run real OpenSSH servers on 127.0.0.1, an emulated ARM64 board (qemu-user + debootstrap),
+# headless Chromium (the HTML report) and the real Mender client and artifact tool (edgeft mender);
 # install what is missing (Debian/Ubuntu, as root).
-SYSDEPS := /usr/sbin/sshd /usr/bin/qemu-aarch64-static /usr/sbin/debootstrap /usr/sbin/update-binfmts /usr/bin/chromium
+SYSDEPS := /usr/sbin/sshd /usr/bin/qemu-aarch64-static /usr/sbin/debootstrap /usr/sbin/update-binfmts /usr/bin/chromium \
+	/usr/bin/mender /usr/bin/mender-artifact
 sysdeps:
 	@for f in $(SYSDEPS); do test -x $$f || missing=1; done; test -z "$$missing" || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client qemu-user-static debootstrap binfmt-support chromium >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client qemu-user-static debootstrap binfmt-support chromium \
+	  mender-client mender-artifact >/dev/null; }
 
 demo: install
 	$(BIN)/edgeft build --target rpi5 --device local

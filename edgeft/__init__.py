@@ -22,9 +22,15 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
-    for module in ("transformers", "peft", "bitsandbytes", "torch", "accelerate", "onnxscript", "onnx_ir"):
+    # torchao (pulled in by transformers/peft, e.g. with the tflite extra) warns on import about optional
+    # CUDA kernels it cannot load: set before that import, its logger stays silent.
+    for module in ("transformers", "peft", "bitsandbytes", "torch", "torchao", "accelerate", "onnxscript", "onnx_ir"):
         warnings.filterwarnings("ignore", module=module)
         logging.getLogger(module).setLevel(logging.ERROR)
+    # torch resets its own loggers when it is first imported; this child of them it leaves alone.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # ONNX Runtime's int4 quantizer sets the root logger to INFO on import and logs every node it visits.
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging

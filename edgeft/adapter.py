@@ -86,12 +86,13 @@ def finetune(options: FinetuneOptions, progress=None, log: Callable[[str], None]
     import torch
 
     from . import quiet_libraries
-    from .build import resolve_model
+    from .build import check_model_dir, check_model_fits, check_threads, check_writable_dir, resolve_model
     from .config import load_profile
     from .context import BuildContext
     from .data import check_data, load_splits
     from .evaluate import eval_identity
 
+    check_threads(options.threads)
     quiet_libraries()
     torch.set_num_threads(options.threads)
     rank = process_rank()
@@ -103,6 +104,9 @@ def finetune(options: FinetuneOptions, progress=None, log: Callable[[str], None]
     stage = finetune_stage(profile, options.adapter)
     out = Path(options.out)
     _check_out(out)
+    check_writable_dir(out.absolute().parent, f"--out {out}")
+    if options.model is not None:
+        check_model_fits([stage], Path(options.model), check_model_dir(options.model), str(profile.source))
     splits = load_splits(options.data, profile.data)
     data_report = check_data(splits, profile.data)
     log(data_report.summary())
@@ -149,7 +153,7 @@ def load_adapter_dir(path: Path, base: Artifact) -> Artifact:
     try:
         adapter = Artifact.load(path)
     except (ValueError, TypeError) as exc:
-        raise ModelError(f"{path / META_FILE}: unreadable ({exc}); re-run `edgeft finetune`") from None
+        raise ModelError(f"{path / META_FILE}: unreadable ({exc}); re-run `edgeft finetune`") from exc
     if adapter.kind != "adapter":
         raise ModelError(f"{path}: holds a {adapter.kind!r} artifact, not an adapter; pass a dir written by `edgeft finetune`")
     if adapter.info.get("base_sha256") != base.sha256:

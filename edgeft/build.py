@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import pipeline
-from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir
+from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir, write_atomic
 from .bundle import MEASUREMENT_FILES, assemble
 from .config import Budgets, Profile, Target, load_lab, load_profile, load_target
 from .context import BuildContext
 from .data import Splits, check_data, load_splits
 from .device.reserve import Reservation, check_target, reserve
 from .errors import BundleError, ConfigError, DeviceError, ModelError
+from .flash.signing import load_private_key, sign_bundle
 from .gate import evaluate
 from .regression import regression_block
 from .report_html import render_report
+from .stages.finetune import check_max_length, load_tokenizer
 
 REPORT_FORMAT = "edgeft-report/1"
 # The exported model each runtime loads, and the precisions it can run.
@@ -47,6 +49,7 @@ class BuildOptions:
     wait_s: float = 0.0  # how long to wait for a held device (reservation) before failing
     tags: tuple[str, ...] = ()  # reserve any healthy free device with all these tags instead of `device`
     baseline: Path | None = None  # an earlier report (or a dir of them): gate max_regression against it
+    sign_key: Path | None = None  # sign the bundle with this private key (edgeft.key) when the build succeeds
 
 
 def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str, context_tokens: int | None = None) -> None:
@@ -88,7 +91,36 @@ def check_model_for_runtime(final: Artifact, target: Target, where: str) -> None
                           "int8/int4 ops); quantize with mode fp16 or int8-static (Q/DQ) for Jetson")
 
 
+# Any one of these says a model dir carries a tokenizer (which one a tokenizer needs, loading it tells).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_model_dir(model: Path) -> dict[str, Any]:
+    """The cheap checks of a user's model dir, before anything is imported or trained: it exists, its
+    config.json is there and is a JSON object naming a model_type, and it has tokenizer files.
+    Returns the parsed config.json."""
+    model = Path(model)
+    config_path = model / "config.json"
+    if not model.is_dir():
+        raise ModelError(f"{model}: model directory not found; pass a local Hugging Face model dir (config.json, weights, tokenizer)")
+    if not config_path.is_file():
+        raise ModelError(f"{config_path}: missing; a Hugging Face causal-LM directory has config.json (save_pretrained writes it)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path}: cannot read it ({exc}); restore config.json from the model's source") from exc
+    except ValueError as exc:
+        raise ModelError(f"{config_path}: corrupt, not valid JSON ({exc}); restore config.json from the model's source") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{config_path}: corrupt, no \"model_type\" in it; restore config.json from the model's source")
+    if not any((model / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{model}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer into it "
+                         "(tokenizer.save_pretrained(dir))")
+    return config
+
+
 def resolve_model(model: Path | None, progress, log: Callable[[str], None]) -> Path:
+    """The model dir to build from: the user's, checked (config.json and tokenizer load), or the demo base."""
     if model is None:
         from .demo.base import demo_base_dir, is_built
 
@@ -96,11 +128,56 @@ def resolve_model(model: Path | None, progress, log: Callable[[str], None]) -> P
             log("demo base model: pretraining it once on the shipped corpus (~2 min on 2 cores, then cached)")
         return demo_base_dir(progress)
     model = Path(model)
-    if not model.is_dir():
-        raise ModelError(f"{model}: model directory not found; pass a local Hugging Face model dir (config.json, weights, tokenizer)")
-    if not (model / "config.json").is_file():
-        raise ModelError(f"{model}: no config.json; pass a local Hugging Face causal-LM directory")
+    check_model_dir(model)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{model / 'config.json'}: transformers cannot read it ({str(exc).strip().splitlines()[0]}); "
+                         "pass a causal-LM directory written by save_pretrained") from exc
+    load_tokenizer(model)  # a ModelError naming the tokenizer problem
     return model
+
+
+def check_threads(threads: int) -> None:
+    if threads < 1:
+        raise ConfigError(f"--threads {threads}: must be at least 1 (host CPU threads for training and export)")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """`path` must be a directory this process can write in: created now (parents too) and probed with a
+    temp file, so a path under a file, on a read-only disk or without permission fails before any work.
+    `what` names the setting in the message (e.g. "--out build/rpi5")."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{what}: {existing} is a file, not a directory; choose a path in a directory you can write")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot create or write {path} ({exc.strerror or exc}); choose a path in a directory you can write") from exc
+
+
+def check_out(out: Path) -> None:
+    """--out is replaced whole by the new bundle (written beside it, then renamed): its parent must be
+    writable, and an existing --out must be an earlier bundle or empty, never other files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory; pass a new path for the bundle directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ConfigError(f"--out {out}: exists and is not an edgeft bundle (no manifest.json); it would be replaced whole: "
+                          "pass a new or empty directory, or an earlier bundle's")
+    check_writable_dir(out.absolute().parent, f"--out {out}")
+
+
+def check_model_fits(planned: list[pipeline.PlannedStage], model: Path, model_config: dict[str, Any], where: str) -> None:
+    """Stage settings the model's own config rules out (an explicit finetune.max_length beyond its positions)."""
+    positions = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    for stage in planned:
+        if stage.name == "finetune":
+            check_max_length(stage.config, positions, model, where)
 
 
 def measure_reserved(reservation: Reservation, bundle_dir: Path, log: Callable[[str], None],
@@ -163,22 +240,31 @@ class Prepared:
     out: Path
     started: float
     adapter: Artifact | None = None  # from --adapter-dir: the stages after finetune start from it
+    data_check: dict[str, Any] | None = None  # check_data's report, kept in the bundle's provenance
+    device_runtime: dict[str, Any] | None = None  # the runtime module and version on the device (device_runtime)
 
 
 def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> Prepared:
-    """Validate every input and reach the device first, so mistakes fail in a second, not after training."""
-    import torch
-
-    from . import quiet_libraries
-
-    quiet_libraries()
+    """Validate every input and reach the device first, so mistakes fail in a second, not after training.
+    The cheap checks (options, --out, the cache, the profile, the model dir and its config) run before
+    torch is even imported."""
     started = time.perf_counter()
-    torch.set_num_threads(options.threads)
+    check_threads(options.threads)
+    if options.sign_key is not None:  # a wrong key fails now, not after training
+        load_private_key(options.sign_key)
     target = load_target(options.target)
     profile = load_profile(options.profile or target.default_profile)
     if options.adapter:
         profile = with_adapter(profile, options.adapter)
-    check_plan(pipeline.plan(profile), target, str(profile.source), profile.eval.context_tokens)
+    planned = pipeline.plan(profile)
+    check_plan(planned, target, str(profile.source), profile.eval.context_tokens)
+    out = Path(options.out) if options.out else Path("build") / target.name
+    check_out(out)
+    check_writable_dir(cache_root(), f"the build cache {cache_root()} (EDGEFT_CACHE)")
+    if options.model is not None:
+        model_config = check_model_dir(options.model)
+        if options.adapter_dir is None:  # an --adapter-dir build runs no finetune stage
+            check_model_fits(planned, Path(options.model), model_config, str(profile.source))
     splits = load_splits(options.data, profile.data)
     data_report = check_data(splits, profile.data)  # raises ConfigError when data.sensitive: fail finds something
     log(data_report.summary())
@@ -190,7 +276,12 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
         check_target(load_lab(options.lab).device(options.device), target.name, target.arch, target.runtime, "this build is")
         transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
         transport.close()
-    out = Path(options.out) if options.out else Path("build") / target.name
+    import torch
+
+    from . import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(options.threads)
     base = pipeline.base_artifact(resolve_model(options.model, progress, log))
     ctx = BuildContext(base=base, splits=splits, target=target, profile=profile, out=cache_root(), progress=progress, log=log, threads=options.threads)
     adapter = None
@@ -202,7 +293,15 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
         log(f"finetune: using the adapter in {options.adapter_dir} ({adapter.info.get('method')}, {adapter.info.get('adapter')!r}), not training")
         if adapter.info.get("data_sha256") not in (None, splits.sha256):
             log(f"data warning: the adapter was trained on other data ({adapter.info.get('data_path')}); accuracy is measured on {splits.source}")
-    return Prepared(options, target, profile, splits, ctx, out, started, adapter)
+    return Prepared(options, target, profile, splits, ctx, out, started, adapter, data_check=_data_check_summary(data_report))
+
+
+def _data_check_summary(data_report) -> dict[str, Any]:
+    """The data check as the bundle keeps it: counts and kinds, not the flagged values themselves."""
+    summary = data_report.to_dict()
+    summary["sensitive"] = {k: v for k, v in summary["sensitive"].items() if k != "findings"}
+    summary["leakage"] = {split: {"exact": leak["exact"], "near": leak["near"]} for split, leak in summary["leakage"].items()}
+    return summary
 
 
 def compile_model(prep: Prepared, stages: list[pipeline.PlannedStage], where: str) -> tuple[Artifact, list[pipeline.StageOutcome]]:
@@ -217,28 +316,50 @@ def compile_model(prep: Prepared, stages: list[pipeline.PlannedStage], where: st
     return final, outcomes
 
 
-def measurement_key(prep: Prepared, final: Artifact) -> str:
-    from edgeft_runner import __version__ as runner_version
-
+def measurement_key(prep: Prepared, final: Artifact, runtime: dict[str, Any], runner_sha256: str) -> str:
+    """What a device measurement depends on: the model, the device and the runtime its python imports
+    (module and version, from device_runtime), the runner that measured (its runner.pyz sha256), the
+    measure settings, threads and task. An upgraded runtime or a changed runner is measured afresh."""
     return digest_of({
-        "model": final.sha256, "device": prep.options.device, "measure": prep.profile.measure.model_dump(),
-        "threads": prep.target.threads, "task": prep.splits.sha256, "runner": runner_version, "sysfs": prep.options.sysfs_root,
+        "model": final.sha256, "device": prep.options.device, "runtime": runtime, "runner_sha256": runner_sha256,
+        "measure": prep.profile.measure.model_dump(), "threads": prep.target.threads, "task": prep.splits.sha256,
+        "sysfs": prep.options.sysfs_root,
     })
 
 
+def device_runtime(prep: Prepared) -> dict[str, Any]:
+    """The target's runtime as the device's python imports it ({"module", "version"}, or {"error"}), probed
+    once per build over a plain connection (no reservation: it only reads a version)."""
+    if prep.device_runtime is None:
+        from .device import open_transport
+        from .lab import probe_facts
+
+        transport, _ = open_transport(prep.options.device, prep.options.lab, prep.options.trust_new_host_key)
+        try:
+            prep.device_runtime = probe_facts(transport, prep.target.runtime)["runtime"]
+        finally:
+            transport.close()
+    return prep.device_runtime
+
+
 def measure_cached(prep: Prepared, final: Artifact, bundle_dir: Path, use_cache: bool) -> tuple[dict[str, Any], bool]:
-    """The device report for this model on this device; from the cache when it was measured before."""
-    path = cache_root() / "measurements" / f"{measurement_key(prep, final)[:32]}.json"
-    if use_cache and path.exists():
-        return json.loads(path.read_text()), True
+    """The device report for this model on this device; from the cache when it was measured before by the
+    same runner with the same runtime. With --tags the device is only known once reserved: never cached."""
+    from .runner_app import runner_sha256
+
+    path = None
+    if not prep.options.tags:
+        key = measurement_key(prep, final, device_runtime(prep), runner_sha256())
+        path = cache_root() / "measurements" / f"{key[:32]}.json"
+        if use_cache and path.exists():
+            pipeline.mark_used(path)
+            return json.loads(path.read_text()), True
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     with _reserve_for(prep.options, prep.ctx.log, manifest) as reservation:  # reserved right before measuring
         report = measure_reserved(reservation, bundle_dir, prep.ctx.log, samples_to=bundle_dir / "telemetry.jsonl",
                                   sysfs_root=prep.options.sysfs_root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report))
-    tmp.replace(path)
+    if path is not None:
+        write_atomic(path, json.dumps(report))
     return report, False
 
 
@@ -251,6 +372,7 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
         "adapter_sha256": next((o.sha256 for o in outcomes if o.name == "finetune"), None),
         "adapter": next((o.info.get("adapter", "default") for o in outcomes if o.name == "finetune"), None),
         "stages": [{"name": o.name, "key": o.key, "sha256": o.sha256, "metrics": o.metrics} for o in outcomes],
+        "data_check": prep.data_check,
     }
     finetune = next((o for o in outcomes if o.name == "finetune"), None)
     if finetune is not None:  # the fine-tuning curve travels with the model it made (plot-ready JSON lines)
@@ -336,6 +458,7 @@ def make_report(manifest: dict[str, Any], bundle_dir: Path, device_report: dict[
         "accuracy": accuracy,
         "metrics": eval_metrics(manifest["provenance"]["stages"]),  # per stage: profile eval.metrics + general_perplexity
         "smoke": device_report["smoke"],
+        "data": manifest["provenance"].get("data_check"),  # splits, lengths, leakage, sensitive counts
         "model": model_summary(manifest, bundle_dir),
         "runner": device_report,
         # What --baseline matches on: the same device, base model, profile and target.
@@ -363,7 +486,7 @@ def measure_bundle(bundle_dir: Path, options: BuildOptions, log: Callable[[str],
         manifest = json.loads((bundle_dir / "manifest.json").read_text())
         files = manifest["files"]
     except (OSError, ValueError, KeyError) as exc:
-        raise BundleError(f"{bundle_dir}: not an edgeft bundle (manifest.json unreadable: {exc}); pass a dir written by `edgeft build`") from None
+        raise BundleError(f"{bundle_dir}: not an edgeft bundle (manifest.json unreadable: {exc}); pass a dir written by `edgeft build`") from exc
     actual = hash_dir(bundle_dir, skip=MEASUREMENT_FILES)
     changed = sorted(name for name in files if actual.get(name) != files[name])
     if changed:
@@ -384,10 +507,24 @@ def write_bundle(prep: Prepared, final: Artifact, outcomes, use_measure_cache: b
         report = package_and_measure(prep, final, outcomes, tmp, use_measure_cache)
         report.update(extra or {})
         report["bundle"] = {"path": str(prep.out)}
+        if prep.options.sign_key is not None:
+            report["bundle"]["signature"] = sign_built(tmp, prep.out, prep.options.sign_key, report, prep.ctx.log)
         report["wall_s"] = round(time.perf_counter() - prep.started, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.html").write_text(render_report(report, tmp))  # the same report, for people
     return report
+
+
+def sign_built(bundle_dir: Path, final_dir: Path, key_path: Path, report: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """--sign-key, the last step of a build: sign the bundle (in its temp dir, so it appears signed or not at
+    all) when its gate passed or it was not measured. A bundle that broke its budgets is not a release."""
+    verdict = report["gate"]["verdict"] if "gate" in report else None
+    if verdict not in (None, "PASS"):
+        log(f"not signed: the gate verdict is {verdict}; only a bundle within its budgets is signed")
+        return {"signed": False, "reason": f"gate {verdict}"}
+    signed = sign_bundle(bundle_dir, key_path)
+    log(f"signed: channel {signed['channel']} version {signed['version']}, key {signed['key_id']}")
+    return {"signed": True, **signed, "bundle": str(final_dir)}
 
 
 def build(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from .data import Splits, encode
 from .evaluate import max_new_tokens_for
 
 FORMAT = "edgeft-bundle/1"
-# Written by the measurement, after the manifest: not part of what the manifest vouches for.
-MEASUREMENT_FILES = ("manifest.json", "report.json", "report.html", "telemetry.jsonl")
+# Written after the manifest (by the measurement, or `edgeft sign`): not part of what the manifest vouches for.
+MEASUREMENT_FILES = ("manifest.json", "manifest.sig", "report.json", "report.html", "telemetry.jsonl")
 TOOLS = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "onnxruntime", "tokenizers", "litert-torch",
          "ai-edge-quantizer", "ai-edge-litert")
 GOLDEN_ATOL = 1e-3  # the same model on another CPU: float reorderings stay far below this

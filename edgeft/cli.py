@@ -96,9 +96,10 @@ def _terminated(signum, frame) -> None:
 @click.option("--baseline", type=click.Path(path_type=Path), help="An earlier report.json, or a directory searched for the newest PASS report of the same device and model lineage: the profile's max_regression fails the gate on a slowdown beyond it with 95% confidence (bootstrap).")
 @click.option("--no-measure", is_flag=True, help="Write the bundle without measuring it (e.g. a Jetson bundle built on a host without TensorRT); measure it later with `edgeft measure`.")
 @click.option("--prometheus", "prometheus", type=click.Path(path_type=Path), help="Also write the result as Prometheus metrics to this *.prom file, or edgeft.prom in this directory (node_exporter textfile collector).")
+@click.option("--sign-key", "sign_key", type=click.Path(path_type=Path), help="Sign the bundle with this private key (edgeft.key) as the last step, when the gate passes or with --no-measure (as `edgeft sign` does: channel = target, next version). Checked before any work.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
-def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, baseline, no_measure, prometheus, as_json, quiet):
+def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, baseline, no_measure, prometheus, sign_key, as_json, quiet):
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
@@ -116,6 +117,7 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
       edgeft build -t rpi5 --model ./my-llama --data train.jsonl --adapter-dir adapters/a   # from `edgeft finetune`
       edgeft build -t rpi5 -d rpi5-lab-1 --baseline reports/   # fail on a slowdown beyond max_regression
       edgeft build -t rpi5 --prometheus /var/lib/node_exporter/textfile/   # metrics for dashboards
+      edgeft build -t rpi5 --sign-key keys/edgeft.key   # a signed release (edgeft keys new --out keys)
     """
     from .build import BuildOptions
     from .build import build as run_build
@@ -126,20 +128,23 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
         target=target, profile=profile, model=model, data=data, device=device, lab=lab, out=out,
         trust_new_host_key=trust_new_host_key, force=force, sysfs_root=sysfs_root, threads=threads,
         measure=not no_measure, adapter=adapter, adapter_dir=adapter_dir, wait_s=wait_s,
-        baseline=check_baseline_arg(baseline) if baseline else None,
+        baseline=check_baseline_arg(baseline) if baseline else None, sign_key=sign_key,
     )
     if adapter and adapter_dir:
         raise click.UsageError("--adapter names the adapter to train; an --adapter-dir adapter has its name already (edgeft finetune --adapter)")
     if do_search and no_measure:
         raise click.UsageError("--search measures every candidate; it cannot be combined with --no-measure")
-    if prometheus and (do_search or no_measure):
-        raise click.UsageError("--prometheus writes one measured bundle's results; it cannot be combined with --search or --no-measure")
+    if prometheus and no_measure:
+        raise click.UsageError("--prometheus writes measured results; it cannot be combined with --no-measure")
     prometheus_file = _prometheus_path(prometheus)
     if do_search:
         from .search import search
 
+        candidate_reports: dict[str, dict] = {}
         with _progress(not quiet) as progress:
-            result = search(options, progress=progress, log=log)
+            result = search(options, progress=progress, log=log, reports=candidate_reports)
+        if prometheus_file:  # one sample set per candidate, bundle="search:<candidate>"
+            _write_prometheus(prometheus_file, [(f"search:{name}", report) for name, report in candidate_reports.items()])
         if as_json:
             click.echo(json.dumps(result, indent=2))
         if not quiet:
@@ -234,8 +239,9 @@ def _summary(report: dict) -> None:
 @click.option("--baseline", type=click.Path(path_type=Path), help="An earlier report.json, or a directory searched for the newest PASS report of the same device and model lineage: the profile's max_regression fails the gate on a slowdown beyond it with 95% confidence (bootstrap).")
 @click.option("--prometheus", "prometheus", type=click.Path(path_type=Path), help="Also write the result as Prometheus metrics to this *.prom file, or edgeft.prom in this directory (node_exporter textfile collector).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
+@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path), help="Verify the bundle's signature with this public key (edgeft.pub; repeat for several) before anything goes to the device; refuse it otherwise.")
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
-def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, sysfs_root, baseline, prometheus, as_json, quiet):
+def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, sysfs_root, baseline, prometheus, pubkeys, as_json, quiet):
     """Measure a finished bundle on a device and gate it on the budgets it was built with.
 
     The bundle's files are checked against its manifest first; nothing is rebuilt. For CI on lab
@@ -249,6 +255,7 @@ def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, 
       edgeft measure build/rpi5 --tags rpi5 --wait 600     # any free, healthy rpi5 board
       edgeft measure build/rpi5 -d rpi5-lab-1 --report r.json --baseline last-good/   # regression gate
       edgeft measure build/rpi5 -d rpi5-lab-1 --prometheus /var/lib/node_exporter/textfile/
+      edgeft measure build/rpi5 -d rpi5-lab-1 --pubkey keys/edgeft.pub   # only a signed, unedited bundle
     """
     from .build import BuildOptions, measure_bundle
     from .regression import check_baseline_arg
@@ -263,8 +270,9 @@ def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, 
         try:
             report_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise click.UsageError(f"--report {report_path}: cannot create its directory ({exc.strerror})") from None
+            raise click.UsageError(f"--report {report_path}: cannot create its directory ({exc.strerror})") from exc
     prometheus_file = _prometheus_path(prometheus)
+    _check_signature(bundle, tuple(pubkeys))
     report = measure_bundle(bundle, options, log, samples)
     if prometheus_file:
         _write_prometheus(prometheus_file, [(bundle, report)])
@@ -278,6 +286,112 @@ def measure(bundle, device, lab, wait_s, tags, trust_new_host_key, report_path, 
     if not quiet:
         _print_report(report, f"{bundle} on {report['device']['name']}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
+
+
+@main.group("keys")
+def keys_group():
+    """Signing keys: a device installs only bundles signed by a key it trusts."""
+
+
+@keys_group.command("new")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Directory for edgeft.key (private, mode 0600) and edgeft.pub (public); created if missing, an existing key is never overwritten.")
+@click.option("--json", "as_json", is_flag=True, help="Print {key, pub, key_id} as JSON on stdout.")
+def keys_new(out_dir, as_json):
+    """Make an Ed25519 key pair for signing bundles.
+
+    Keep edgeft.key on the machine that signs releases and back it up offline: it is the only copy,
+    and devices trust nothing else. Hand out edgeft.pub: `edgeft verify --pubkey`, and devices install
+    it once. versions.json, kept beside the key by `edgeft sign`, counts the versions signed per channel.
+
+    \b
+    Examples:
+      edgeft keys new --out ~/.edgeft/keys
+      edgeft sign build/rpi5 --key ~/.edgeft/keys/edgeft.key
+      edgeft verify build/rpi5 --pubkey ~/.edgeft/keys/edgeft.pub
+    """
+    from .flash.signing import load_public_key, new_keypair
+
+    key_path, pub_path = new_keypair(out_dir)
+    key_id, _ = load_public_key(pub_path)
+    if as_json:
+        click.echo(json.dumps({"key": str(key_path), "pub": str(pub_path), "key_id": key_id}, indent=2))
+    else:
+        console.print(f"key {key_id}\n  private {key_path} (mode 0600: keep it secret, back it up)\n  public  {pub_path}", soft_wrap=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "-k", "key_path", required=True, type=click.Path(path_type=Path), help="The private key: edgeft.key from `edgeft keys new`.")
+@click.option("--version", "version", type=click.IntRange(min=1), help="Release version within the channel. Default: one above the highest signed for the channel with this key (versions.json beside it).")
+@click.option("--channel", help="Release channel; devices keep the highest version installed per channel and refuse older ones. Default: the bundle's target.")
+@click.option("--expires", help="Devices and `edgeft verify` refuse the bundle from then on: a date (2027-06-30 means 00:00 UTC that day) or an ISO time (2027-06-30T12:00:00+02:00). Default: never.")
+@click.option("--json", "as_json", is_flag=True, help="Print {bundle, bundle_sha256, key_id, channel, version, expires} as JSON on stdout.")
+def sign(bundle, key_path, version, channel, expires, as_json):
+    """Sign a bundle: every file is checked against manifest.json first, then a `release` block
+    (channel, version, expiry) is added to the manifest and manifest.sig signs all of it (file hashes,
+    budgets, release). Editing anything afterwards makes `edgeft verify` and devices refuse it.
+
+    \b
+    Examples:
+      edgeft sign build/rpi5 --key keys/edgeft.key                   # channel rpi5, next version
+      edgeft sign build/rpi5 --key keys/edgeft.key --channel rpi5-beta --version 7 --expires 2027-06-30
+      edgeft build -t rpi5 --sign-key keys/edgeft.key               # sign as the build's last step
+    """
+    from .flash.signing import sign_bundle
+
+    result = sign_bundle(bundle, key_path, version=version, channel=channel, expires=expires)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        until = f", expires {result['expires']}" if result["expires"] else ""
+        console.print(f"[bold green]signed[/] {bundle}: channel {result['channel']} version {result['version']}{until}, "
+                      f"key {result['key_id']}, bundle {result['bundle_sha256'][:16]}", soft_wrap=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--pubkey", "pubkeys", required=True, multiple=True, type=click.Path(path_type=Path), help="A trusted public key (edgeft.pub); repeat for several (e.g. while rotating keys).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout, also when refused ({\"ok\": false, \"problem\": ...}).")
+def verify(bundle, pubkeys, as_json):
+    """Check a bundle as a device does before installing it: the signature with a trusted key, then
+    every file's sha256, then the expiry. Files not in the manifest are ignored.
+
+    \b
+    Exit status: 0 verified, 2 refused, with one line naming the file or the reason (unsigned, a key
+    not trusted, manifest.json edited after signing, a file's sha256, missing file, expired).
+    \b
+    Examples:
+      edgeft verify build/rpi5 --pubkey keys/edgeft.pub
+      edgeft verify build/rpi5 --pubkey old.pub --pubkey new.pub --json
+    """
+    from .errors import BundleError
+    from .flash.signing import verify_bundle
+
+    try:
+        result = verify_bundle(bundle, pubkeys)
+    except BundleError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "bundle": str(bundle), "problem": str(exc)}, indent=2))
+        raise
+    result.pop("manifest")
+    if as_json:
+        click.echo(json.dumps({"ok": True, **result}, indent=2))
+    else:
+        until = f", expires {result['expires']}" if result["expires"] else ""
+        console.print(f"[bold green]verified[/] {bundle}: key {result['key_id']}, channel {result['channel']} version "
+                      f"{result['version']}{until}, {result['files']} files", soft_wrap=True)
+
+
+def _check_signature(bundle: Path, pubkeys: tuple[Path, ...]) -> None:
+    """measure --pubkey: refuse an unsigned, foreign or edited bundle before any device work. Without
+    --pubkey, say so when the bundle is unsigned: its budgets (what the gate reads) could have been edited."""
+    from .flash.signing import signature_state, verify_bundle
+
+    if pubkeys:
+        verify_bundle(bundle, pubkeys)
+    elif (Path(bundle) / "manifest.json").is_file() and not signature_state(bundle)["signed"]:
+        console.print(f"[yellow]warning:[/] {bundle} is unsigned: its manifest and budgets are not tamper-proof "
+                      f"(sign it: edgeft sign {bundle} --key KEY; then measure with --pubkey)", soft_wrap=True)
 
 
 @main.command("report")
@@ -358,11 +472,15 @@ def _search_table(result: dict) -> None:
     for row in result["candidates"]:
         verdict = {"PASS": "[green]PASS[/]", "INVALID": "[yellow]INVALID[/] throttled"}.get(row["verdict"], f"[red]FAIL[/] {','.join(row['failed'])}")
         mark = "→ " if row["candidate"] == result["chosen"] else "  "
+        fmt = lambda value, spec, scale=1: "-" if value is None else format(value / scale, spec)  # noqa: E731  (None: not measured)
         table.add_row(
-            mark + row["candidate"], f"{row['size_bytes'] / 1e6:.2f}", f"{row['accuracy']:.3f}", f"{row['latency_ms_p50']:.2f}",
-            "-" if row["latency_ms_p99"] is None else f"{row['latency_ms_p99']:.2f}", f"{row['first_token_ms']:.2f}", f"{row['decode_tokens_per_s']:.0f}", f"{row['peak_rss_mb']:.0f}", verdict,
+            mark + row["candidate"], fmt(row["size_bytes"], ".2f", 1e6), fmt(row["accuracy"], ".3f"), fmt(row["latency_ms_p50"], ".2f"),
+            fmt(row["latency_ms_p99"], ".2f"), fmt(row["first_token_ms"], ".2f"), fmt(row["decode_tokens_per_s"], ".0f"), fmt(row["peak_rss_mb"], ".0f"), verdict,
         )
     console.print(table)
+    for row in result["candidates"]:
+        if row.get("error"):
+            console.print(f"  {row['candidate']}: {row['error']}", soft_wrap=True, markup=False)
     console.print(("[green]chosen:[/] " if result["chosen"] else "[red]none:[/] ") + result["why"], soft_wrap=True)
     if result.get("bundle"):
         console.print(f"bundle: {result['bundle']}")
@@ -512,9 +630,11 @@ def hil_run(suite, lab, junit_path, json_path, parallel, wait_s, trust_new_host_
       edgeft hil run hil/suites/smoke.yaml --baseline hil-results/   # regression vs the last good run
       edgeft hil run hil/suites/smoke.yaml --prometheus /var/lib/node_exporter/textfile/
     """
+    from .build import check_threads
     from .hil import default_results_dir, load_suite, plan_suite, run_suite, suite_exit_code, write_results
     from .regression import check_baseline_arg
 
+    check_threads(threads)
     log = _logger(quiet)
     prometheus_file = _prometheus_path(prometheus)
     loaded = load_suite(suite)
@@ -696,6 +816,279 @@ def lab_emulate(name, lab, target, stop, as_json, quiet):
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", "-d", "devices", multiple=True, help="A lab device to flash (repeat the option for several).")
+@click.option("--devices", "tags", multiple=True, metavar="TAG", help="Instead of --device: every lab device carrying this tag (repeat: all tags must match); devices of another target are skipped.")
+@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path), help="Public key (edgeft.pub) the bundle's signature must verify with, on this host, before any device is contacted (repeatable).")
+@click.option("--install-pubkey", type=click.Path(path_type=Path), help="First make each device trust this public key (its <root>/keys); also used to verify here.")
+@click.option("--allow-downgrade", is_flag=True, help="Install a version older than the highest this device installed for the bundle's channel.")
+@click.option("--canary", type=click.IntRange(min=0), default=0, show_default=True, help="Flash this many devices first; the others start only if every canary ends installed.")
+@click.option("--max-failures", type=click.IntRange(min=1), default=1, show_default=True, help="Halt after this many devices failed; devices not started are skipped.")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True, help="Devices flashed at once.")
+@click.option("--root", help="Install root on the devices (absolute, or relative to the device's workdir). Default: each device's install.root in the lab file (edgeft-install).")
+@click.option("--no-latency-check", is_flag=True, help="Skip the smoke test's latency budget (emulated devices always skip it).")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for a device another run holds; then fail naming the holder.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rollout result (one record per device) as JSON on stdout.")
+@click.option("--out", "-o", "out_path", type=click.Path(path_type=Path), help="Also write the rollout result JSON to this file (atomically), and its HTML page beside it (.html).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines; the summary table still prints.")
+def flash(bundle, devices, tags, pubkeys, install_pubkey, allow_downgrade, canary, max_failures, parallel, root,
+          no_latency_check, lab, wait_s, trust_new_host_key, as_json, out_path, quiet):
+    """Install a signed bundle on lab devices: A/B slots, smoke test, switch, health check, rollback.
+
+    The signature and every hash are checked here before any device is contacted; each device is
+    reserved, checked (target, runtime, free disk), sent only the files its store lacks (resuming a
+    cut transfer), and its runner installs the bundle into the inactive slot, smoke-tests it there,
+    switches <root>/current and runs the lab file's install.health_check; a failure rolls back to
+    the previous version. A device already running the bundle is skipped (re-running is safe).
+
+    \b
+    Exit status: 0 every device installed or already current, 1 a device failed its smoke test or
+    health check (it runs its previous version) or the rollout halted, 2 a device refused the
+    bundle (signature, version, disk, target) or could not be reached, or bad input.
+    \b
+    Examples:
+      edgeft flash build/rpi5 --device rpi5-lab-1 --pubkey keys/edgeft.pub
+      edgeft flash build/rpi5 -d rpi5-lab-1 --install-pubkey keys/edgeft.pub    # first flash: trust the key
+      edgeft flash build/rpi5 --devices store-42 --pubkey keys/edgeft.pub --canary 1 --max-failures 2 -o rollout.json
+      edgeft flash build/rpi5-v3 -d rpi5-lab-1 --pubkey keys/edgeft.pub --allow-downgrade
+    """
+    from .flash.flash import FlashOptions
+    from .flash.rollout import rollout, rollout_exit_code
+
+    if bool(devices) == bool(tags):
+        raise click.UsageError("name the devices: --device NAME (repeatable) or --devices TAG, not both")
+    if out_path is not None and out_path.is_dir():
+        raise click.UsageError(f"--out {out_path} is a directory; name a file, e.g. {out_path / 'rollout.json'}")
+    options = FlashOptions(allow_downgrade=allow_downgrade, no_latency_check=no_latency_check,
+                           install_pubkey=install_pubkey, root=root)
+    with _transfer_progress(not quiet) as progress:
+        result = rollout(bundle, devices=devices, tags=tags, lab_path=lab, pubkeys=pubkeys, options=options, canary=canary,
+                         max_failures=max_failures, parallel=parallel, wait_s=wait_s, trust_new_host_key=trust_new_host_key,
+                         progress=progress, log=_logger(quiet))
+    if out_path is not None:
+        from .report_html import render_rollout
+
+        write_atomic(out_path, json.dumps(result, indent=2) + "\n")
+        write_atomic(out_path.with_suffix(".html"), render_rollout(result))  # one row per device, for people
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    _flash_table(result)
+    if out_path is not None:
+        console.print(f"result: {out_path} (and {out_path.with_suffix('.html')})")
+    sys.exit(rollout_exit_code(result))
+
+
+@contextmanager
+def _transfer_progress(enabled: bool):
+    """One bar per device in flight: bytes, rate and time left."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        yield progress
+
+
+def _flash_table(result: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    colour = {"installed": "green", "already-current": "green", "skipped": "yellow", "rolled-back": "red",
+              "refused": "red", "failed": "red", "error": "red", "pending": "yellow"}
+    table = Table(title=f"flash: {result['target']} version {result['version']} ({result['channel']}), bundle "
+                        f"{result['bundle'][:12]}, {result['wall_s']:.1f} s", title_justify="left")
+    for column in ("device", "result", "version", "previous", "sent MB", "s", "reason"):
+        table.add_column(column, justify="right" if column in ("sent MB", "s") else "left")
+    for r in result["devices"]:
+        previous = r.get("previous") or {}
+        table.add_row(escape(r["device"]), f"[{colour.get(r['result'], 'red')}]{r['result']}[/]",
+                      "-" if r.get("version") is None else str(r["version"]),
+                      str(previous.get("version", "-")) if isinstance(previous, dict) else str(previous),
+                      f"{r.get('bytes_sent', 0) / 1e6:.2f}", f"{r.get('seconds', 0):.1f}", escape(r.get("reason") or ""))
+    console.print(table)
+    for r in result["devices"]:  # the whole line, which the table may have wrapped
+        if r["result"] in ("refused", "failed", "error", "rolled-back"):
+            console.print(f"[red]{r['result']}[/] {escape(r['device'])}: {escape(r.get('reason') or '')}", soft_wrap=True)
+    if result["halted"]:
+        console.print(f"[red]rollout halted:[/] {escape(result['halted'])}", soft_wrap=True)
+
+
+@main.command("status")
+@click.option("--device", "-d", required=True, help="The lab device.")
+@click.option("--root", help="Install root on the device. Default: its install.root in the lab file (edgeft-install).")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the device's install state and last log lines as JSON on stdout.")
+def status_cmd(device, root, lab, wait_s, trust_new_host_key, as_json):
+    """Show what a device has installed: both slots (bundle, version, channel, good/pending/failed),
+    which one is active, a pending install, the highest version per channel, and the install log.
+
+    \b
+    Examples:
+      edgeft status --device rpi5-lab-1
+      edgeft status -d rpi5-lab-1 --json | jq .state.active
+    """
+    from .flash.flash import status
+
+    answer = status(device, lab_path=lab, root=root, wait_s=wait_s, trust_new_host_key=trust_new_host_key, log=_logger(as_json))
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    _print_install_state(answer)
+
+
+def _print_install_state(answer: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    state = answer.get("state", answer)
+    active, pending = state.get("active"), state.get("pending")
+    table = Table(title=f"{answer['device']}: {answer['root']}", title_justify="left")
+    for column in ("slot", "active", "status", "version", "channel", "bundle", "installed"):
+        table.add_column(column)
+    for name, slot in sorted((state.get("slots") or {}).items()):
+        slot = slot or {}
+        table.add_row(name, "*" if name == active else "", escape(str(slot.get("status", "empty"))),
+                      str(slot.get("version", "-")), escape(str(slot.get("channel", "-"))), str(slot.get("bundle", "-"))[:12],
+                      escape(str(slot.get("installed_at", "-"))))
+    console.print(table)
+    if pending:
+        console.print(f"[yellow]pending:[/] slot {pending.get('slot')} (previous {pending.get('previous')}), since {pending.get('since')}")
+    highest = state.get("highest_version") or {}
+    if highest:
+        console.print("highest version: " + ", ".join(f"{escape(k)} {v}" for k, v in sorted(highest.items())))
+    for line in answer.get("log") or []:
+        detail = line.get("detail")
+        reason = detail.get("reason") if isinstance(detail, dict) else detail  # the one detail worth a line
+        what = " ".join(str(part) for part in (
+            line.get("step"), line.get("result"), line.get("version") and f"v{line['version']}",
+            line.get("slot") and f"slot {line['slot']}", str(line.get("bundle") or "")[:12], reason) if part)
+        console.print(f"  [dim]{escape(str(line.get('time', '')))}[/] {escape(what)}", soft_wrap=True)
+
+
+@main.command("rollback")
+@click.option("--device", "-d", required=True, help="The lab device.")
+@click.option("--root", help="Install root on the device. Default: its install.root in the lab file (edgeft-install).")
+@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it.")
+@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runner's answer as JSON on stdout.")
+def rollback_cmd(device, root, lab, wait_s, trust_new_host_key, as_json):
+    """Switch a device back to its other slot (when that slot holds a good, verified bundle), or cancel
+    a pending install; the runner does it under the install lock and logs it.
+
+    \b
+    Exit status: 0 rolled back, 2 nothing to roll back to (or bad input).
+    \b
+    Example:
+      edgeft rollback --device rpi5-lab-1 && edgeft status --device rpi5-lab-1
+    """
+    from .flash.flash import rollback
+
+    code, answer = rollback(device, lab_path=lab, root=root, wait_s=wait_s, trust_new_host_key=trust_new_host_key, log=_logger(as_json))
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    elif code == 0:
+        console.print(f"{device}: {answer.get('result', 'rolled back')}: slot {answer.get('slot')}, version {answer.get('version')}")
+    else:
+        console.print(f"[bold red]error:[/] {device}: {answer.get('reason') or answer.get('result')}", soft_wrap=True)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Kit directory to write (written whole or not at all; an earlier kit there is replaced).")
+@click.option("--pubkey", required=True, type=click.Path(path_type=Path), help="The public key (edgeft.pub) the bundle is verified with; it goes into the kit and the gateway is told to trust it.")
+@click.option("--root", default="/var/lib/edgeft", show_default=True, help="Install root on the gateway (absolute); the application reads its model in ROOT/current/.")
+@click.option("--python", "python", default="python3", show_default=True, help="The gateway's interpreter with numpy and the bundle's runtime (e.g. /opt/venv/bin/python).")
+@click.option("--json", "as_json", is_flag=True, help="Print {kit, bundle_sha256, channel, version, key_id, root, files, bytes, runner_sha256} as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
+def kit(bundle, out_dir, pubkey, root, python, as_json, quiet):
+    """Write a field kit for a gateway with no host connection: the signed bundle, the public key,
+    the runner and install.sh. Copy the folder onto the gateway and run `sh install.sh` there: it
+    trusts the key, then installs with the same steps as `edgeft flash` (verify the signature and every
+    hash, smoke test in the spare slot, switch ROOT/current, roll back on failure).
+
+    \b
+    The bundle is verified on the host first. install.sh exits 0 installed (or already current),
+    1 smoke test failed (the previous version still runs), 2 refused (nothing installed).
+    \b
+    Examples:
+      edgeft kit build/rpi5 -o /media/usb/rpi5-kit --pubkey keys/edgeft.pub
+      edgeft kit build/rpi5 -o kit --pubkey keys/edgeft.pub --root /data/edgeft --python /opt/venv/bin/python
+      # on the gateway:  sh /media/usb/rpi5-kit/install.sh
+    """
+    from .flash.kit import write_kit
+
+    with _progress(not quiet) as progress:
+        result = write_kit(bundle, out_dir, pubkey, root=root, python=python, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif not quiet:
+        console.print(f"[bold green]kit[/] {out_dir}: bundle {result['bundle_sha256'][:16]} channel {result['channel']} "
+                      f"version {result['version']}, {result['files']} files, {result['bytes'] / 1e6:.1f} MB; "
+                      f"on the gateway: sh {out_dir}/install.sh", soft_wrap=True)
+
+
+@main.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--device-type", "-t", "device_types", multiple=True, help="Mender device type the artifact installs on (repeat for several); the device's /var/lib/mender/device_type must match.")
+@click.option("--out", "-o", "out_path", type=click.Path(path_type=Path), help="Artifact file to write, e.g. model.mender.")
+@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path), help="Verify the bundle's signature with this public key first (repeat for several). Without it, the bundle must still be signed and every hash match.")
+@click.option("--artifact-name", "-n", help="Mender artifact name (what `mender show-artifact` prints after install). Default: edgeft-<channel>-v<version>.")
+@click.option("--module-out", type=click.Path(path_type=Path), help="Write the update module `edgeft-model` here (for device images: /usr/share/mender/modules/v3/edgeft-model); BUNDLE is then optional.")
+@click.option("--json", "as_json", is_flag=True, help="Print {artifact, artifact_name, device_types, bundle_sha256, channel, version, bytes, sha256} as JSON on stdout.")
+def mender(bundle, device_types, out_path, pubkeys, artifact_name, module_out, as_json):
+    """Write a Mender artifact (a module-image of type edgeft-model) for OTA fleets, with Mender's own
+    mender-artifact tool (Debian/Ubuntu: apt-get install mender-artifact). It carries the signed bundle and
+    the matching runner; on the device the update module `edgeft-model` installs it with the same steps as
+    `edgeft flash`: ArtifactInstall verifies, smoke-tests and switches, ArtifactCommit marks it good,
+    ArtifactRollback restores the previous slot.
+
+    \b
+    Each device needs, once: the update module (--module-out), the signing key trusted
+    (python3 runner.pyz trust-key --root /var/lib/edgeft edgeft.pub), and optionally /etc/edgeft/mender.conf
+    (EDGEFT_ROOT=..., EDGEFT_PYTHON=..., EDGEFT_HEALTH_CHECK=...; see the module's header).
+    \b
+    Examples:
+      edgeft mender build/rpi5 --device-type raspberrypi5 -o model.mender --pubkey keys/edgeft.pub
+      edgeft mender --module-out rootfs/usr/share/mender/modules/v3/edgeft-model
+      mender-artifact read model.mender;  on a device: mender install model.mender && mender commit
+    """
+    from .errors import ConfigError
+    from .flash.mender import write_mender_artifact, write_update_module
+
+    if bundle is None and module_out is None:
+        raise ConfigError("give a BUNDLE (with --device-type and -o model.mender) or --module-out PATH; see edgeft mender --help")
+    result: dict = {}
+    if module_out is not None:
+        result["module"] = str(write_update_module(module_out))
+        if not as_json:
+            console.print(f"update module written: {result['module']} (install it on devices as "
+                          "/usr/share/mender/modules/v3/edgeft-model, mode 0755)", soft_wrap=True)
+    if bundle is not None:
+        if out_path is None:
+            raise ConfigError("give the artifact file to write: -o model.mender")
+        with console.status("writing the Mender artifact (bundle.tar, runner.pyz, mender-artifact write and read)"):
+            result.update(write_mender_artifact(bundle, out_path, device_types=device_types, pubkeys=pubkeys,
+                                                artifact_name=artifact_name))
+        if not as_json:
+            if not result["signature_checked"]:
+                console.print("[yellow]note:[/] signature not checked here (no --pubkey); devices check it with the keys they trust", soft_wrap=True)
+            console.print(f"[bold green]artifact[/] {out_path}: {result['artifact_name']} for {', '.join(device_types)}, "
+                          f"bundle {result['bundle_sha256'][:16]} channel {result['channel']} version {result['version']}, "
+                          f"{result['bytes'] / 1e6:.1f} MB", soft_wrap=True)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
 @click.option("--device", "-d", help="Also probe this lab device, as `edgeft lab check` does.")
 @click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML (its key_file entries are checked too). Default: hil/lab.yaml with --device.")
 @click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
@@ -733,27 +1126,38 @@ def doctor(device, lab, trust_new_host_key, as_json):
 
 
 @main.command()
-def targets():
-    """List the targets (device classes) in targets/: runtime, arch, default profile.
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (name, origin, path, shadows, fields) instead of lines.")
+def targets(as_json):
+    """List the targets (device classes): where each came from, runtime, arch, default profile.
+
+    A name is looked up in ./targets of the current directory, then $EDGEFT_HOME/targets, then the
+    targets shipped with edgeft; the first wins, and the list says which ones it shadows. Put your own
+    device class in ./targets/NAME.yaml (copy a shipped one: the list shows its path).
 
     \b
-    Example:
+    Examples:
       edgeft targets
       edgeft build --target rpi5
+      edgeft targets --json | jq -r '.[] | select(.origin != "shipped") | .path'
     """
-    _list("targets")
+    _list("targets", as_json)
 
 
 @main.command()
-def profiles():
-    """List the build profiles (stages, measure settings, budgets) in profiles/.
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (name, origin, path, shadows, fields) instead of lines.")
+def profiles(as_json):
+    """List the build profiles (stages, measure settings, budgets): where each came from, its stages.
+
+    A name is looked up in ./profiles of the current directory, then $EDGEFT_HOME/profiles, then the
+    profiles shipped with edgeft; the first wins, and the list says which ones it shadows.
 
     \b
-    Example:
+    Examples:
       edgeft profiles
       edgeft build --target rpi5 --profile arm-int4
+      cp "$(edgeft profiles --json | jq -r '.[] | select(.name == "arm-int8") | .path')" profiles/my-int8.yaml
     """
-    _list("profiles")
+    _list("profiles", as_json)
 
 
 @main.command()
@@ -791,14 +1195,132 @@ def adapters(as_json):
                    f"data {str(row['data_sha256'])[:12]}  exact match {accuracy}  {row['path']}")
 
 
-def _list(kind: str) -> None:
-    from .config import list_names, load_profile, load_target
+@main.group("cache")
+def cache_group():
+    """The build cache ($EDGEFT_CACHE, else ~/.cache/edgeft): each stage's result, keyed by its inputs,
+    data, config, edgeft's code and the library versions; device measurements; interrupted fine-tunes.
+
+    A build reuses an entry only when every one of those is unchanged. At 1-8B parameters entries are
+    GBs each: list them and prune what is no longer used.
+    """
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _cache_table(rows: list[dict], title: str) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("stage", "kind", "key", "size", "age", "last used", "path"):
+        table.add_column(column, justify="right" if column in ("size", "age", "last used") else "left")
+    for row in rows:
+        table.add_row(row["stage"], row["kind"], row["key"][:12], _human_bytes(row["size_bytes"]), _human_age(row["age_s"]),
+                      _human_age(row["idle_s"]) + " ago", escape(row["path"]))
+    console.print(table)
+
+
+@cache_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per entry) instead of a table.")
+def cache_list(as_json):
+    """Every cache entry, most recently used first: stage, kind, key, size, age (since it was built) and
+    when a build last used it. Kinds: artifact (a stage's result), measurement, checkpoint (an interrupted
+    finetune, resumed by the next identical build), demo-base, incomplete (left by a killed build).
+
+    \b
+    Examples:
+      edgeft cache list
+      edgeft cache list --json | jq 'map(.size_bytes) | add'
+    """
+    from .artifact import cache_root
+    from .cache import list_rows
+
+    rows = list_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print(f"{cache_root()}: empty")
+        return
+    total = sum(row["size_bytes"] for row in rows)
+    _cache_table(rows, f"{cache_root()}: {len(rows)} entries, {_human_bytes(total)}")
+
+
+@cache_group.command("prune")
+@click.option("--older-than", help="Remove entries no build has used for this long: 90s, 30m, 12h, 7d, 2w.")
+@click.option("--keep-last", type=click.IntRange(min=0), help="Keep the N most recently used entries of each stage, whatever their age.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def cache_prune(older_than, keep_last, dry_run, as_json):
+    """Free the cache: remove entries unused for longer than --older-than, keeping the --keep-last most
+    recently used of each stage. What killed builds left behind goes too. An entry a running build
+    holds is never removed (it is reported as in use); a later build re-creates what it needs.
+
+    \b
+    Examples:
+      edgeft cache prune --older-than 7d                  # unused for a week
+      edgeft cache prune --older-than 7d --keep-last 2    # ... but keep the 2 latest of each stage
+      edgeft cache prune --keep-last 1 --dry-run          # what keeping only the latest would free
+    """
+    from .cache import parse_duration, prune
+
+    result = prune(parse_duration(older_than) if older_than else None, keep_last, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if result["removed"]:
+        _cache_table(result["removed"], "would remove" if dry_run else "removed")
+    for row in result["in_use"]:
+        console.print(f"[yellow]in use, kept:[/] {row['stage']} {row['key'][:12]} (a build holds it)")
+    console.print(f"{'would free' if dry_run else 'freed'} {_human_bytes(result['freed_bytes'])} "
+                  f"({len(result['removed'])} removed, {result['kept']} kept)")
+
+
+def _list(kind: str, as_json: bool) -> None:
+    from .config import find_named, load_profile, load_target, search_dirs
 
     load = load_target if kind == "targets" else load_profile
-    for name in list_names(kind):
-        item = load(name)
-        extra = f"  [{item.runtime}, {item.arch}, default profile {item.default_profile}]" if kind == "targets" else ""
-        click.echo(f"{name:16} {item.description}{extra}")
+    rows = []
+    for named in find_named(kind):
+        row = {"name": named.name, "origin": named.origin, "path": str(named.path), "shadows": list(named.shadows)}
+        try:  # one broken file of the user's is reported in its row, not in place of the whole list
+            item = load(str(named.path))
+        except EdgeftError as exc:
+            row["error"] = str(exc)
+        else:
+            row["description"] = item.description
+            if kind == "targets":
+                row.update(runtime=item.runtime, arch=item.arch, default_profile=item.default_profile)
+            else:
+                row["stages"] = [next(iter(stage)) for stage in item.stages]  # each stage is {kind: settings}
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        if "error" in row:
+            detail = f"error: {row['error']}"
+        elif kind == "targets":
+            detail = f"{row['description']}  [{row['runtime']}, {row['arch']}, default profile {row['default_profile']}]"
+        else:
+            detail = f"{row['description']}  [{' → '.join(row['stages'])}]"
+        shadows = f"  (shadows {', '.join(row['shadows'])})" if row["shadows"] else ""
+        click.echo(f"{row['name']:16} {row['origin']:13} {detail}{shadows}")
+    searched = ", ".join(f"{origin} ({folder})" for origin, folder in search_dirs(kind))
+    console.print(f"[dim]looked in {searched}; the first folder with NAME.yaml wins[/]", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Every error names the file, the line and the field, and says what to do.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,9 +17,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .data import DataConfig
 from .errors import ConfigError
 
-# Where targets/, profiles/ and hil/ live: the checkout this package was installed from, unless
-# EDGEFT_HOME points elsewhere.
-PROJECT_ROOT = Path(os.environ.get("EDGEFT_HOME", Path(__file__).resolve().parent.parent))
+# A user's own targets, profiles and lab live in ./targets, ./profiles, ./hil of the current directory, or
+# under $EDGEFT_HOME; the shipped targets and profiles are package data (edgeft._shipped, see pyproject.toml).
+HOME_ENV = "EDGEFT_HOME"
+
+
+def edgeft_home() -> Path | None:
+    value = os.environ.get(HOME_ENV)
+    return Path(value).expanduser() if value else None
 
 RUNTIMES = ("onnxruntime", "tensorrt", "tflite")
 
@@ -40,8 +47,16 @@ class TensorRTShapes(Strict):
     opt_tokens: int = Field(64, ge=1)  # what TensorRT tunes its kernels for: the usual prompt length
     max_tokens: int = Field(256, ge=1)
     max_context: int = Field(512, ge=2)  # prompt + generated tokens held in the KV cache
-    static: bool = False  # one fixed shape (opt): fastest engine, only that prompt length runs
+    static: bool = False  # kept so old files load; true is refused (see _not_static)
     workspace_mb: int = Field(1024, ge=64)
+
+    @field_validator("static")
+    @classmethod
+    def _not_static(cls, value: bool) -> bool:
+        if value:  # the runner refuses it too (edgeft_runner.backends.tensorrt.STATIC_REFUSED), for older bundles
+            raise ValueError("a static engine fixes the KV cache's length, so it can run the prefill or the decode "
+                             "steps, never both: remove static (or set false); opt_tokens is what TensorRT tunes for")
+        return value
 
 
 class Target(Strict):
@@ -172,6 +187,22 @@ class Profile(Strict):
 
 
 # ------------------------------------------------------------------------------------------- lab
+class InstallConfig(Strict):
+    """Where and how `edgeft flash` installs bundles on a device (A/B slots under `root`)."""
+
+    root: str = "edgeft-install"  # relative to the device's workdir unless absolute
+    post_install: str | None = None  # shell command run after the switch (e.g. restart the app's unit)
+    health_check: str | None = None  # shell command repeated until it exits 0 or grace_s ends; else roll back
+    grace_s: float = Field(30.0, ge=0, le=86400)
+
+    @field_validator("root")
+    @classmethod
+    def _root_named(cls, value: str) -> str:
+        if not value.strip() or value.strip() in (".", "/"):
+            raise ValueError("name a directory for the install root, e.g. 'edgeft-install' or '/opt/edgeft'")
+        return value
+
+
 class LabDevice(Strict):
     name: str
     host: str
@@ -184,6 +215,7 @@ class LabDevice(Strict):
     workdir: str = ".edgeft"  # relative paths are relative to the login's home
     tags: list[str] = []
     emulated: bool = False  # an emulated board (qemu): its timings are reported, never gated
+    install: InstallConfig = InstallConfig()  # edgeft flash: install root, post_install, health_check
 
 
 class Lab(Strict):
@@ -244,9 +276,9 @@ def load_yaml(path: Path, model: type[BaseModel], defaults: dict[str, Any] | Non
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise ConfigError(f"{path}: file not found")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -254,7 +286,7 @@ def load_yaml(path: Path, model: type[BaseModel], defaults: dict[str, Any] | Non
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of fields at the top level")
     data = {**(defaults or {}), **data}
@@ -267,25 +299,64 @@ def load_yaml(path: Path, model: type[BaseModel], defaults: dict[str, Any] | Non
         line = target.start_mark.line + 1 if target is not None else 1
         field = ".".join(str(part) for part in loc) or "(top level)"
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise ConfigError(f"{path}:{line}: field '{field}': {err['msg']}{more}") from None
+        raise ConfigError(f"{path}:{line}: field '{field}': {err['msg']}{more}") from exc
     object.__setattr__(obj, "source", path)
     return obj
 
 
+@dataclass(frozen=True)
+class Named:
+    """The file a bare target or profile name resolves to, where it came from, and what it hides."""
+
+    name: str
+    path: Path
+    origin: str  # "./targets" (or "./profiles"), "$EDGEFT_HOME" or "shipped"
+    shadows: tuple[str, ...] = ()  # origins further down the search order that have a file of this name too
+
+
+def search_dirs(kind: str) -> list[tuple[str, Path]]:
+    """Where a bare name of `kind` ("targets" or "profiles") is looked for, first match wins: ./KIND of the
+    current directory, $EDGEFT_HOME/KIND, then the shipped ones. A folder is listed once: the source
+    checkout's own targets/ is the shipped one, and $EDGEFT_HOME may be the current directory."""
+    # Installs are on a file system (editable, `pip install .`, a wheel), so files() is a real directory.
+    shipped = Path(resources.files(f"edgeft._shipped.{kind}"))
+    user_dirs = [(f"./{kind}", Path.cwd() / kind)]
+    if edgeft_home():
+        user_dirs.append((f"${HOME_ENV}", edgeft_home() / kind))
+    seen = {shipped.resolve()}
+    dirs = []
+    for origin, folder in user_dirs:
+        if folder.resolve() not in seen:
+            seen.add(folder.resolve())
+            dirs.append((origin, folder))
+    return [*dirs, ("shipped", shipped)]
+
+
+def find_named(kind: str) -> list[Named]:
+    """Every name of `kind` that resolves, sorted, each with the file that wins and the origins it shadows."""
+    hits: dict[str, list[tuple[str, Path]]] = {}
+    for origin, folder in search_dirs(kind):
+        for path in sorted(folder.glob("*.yaml")):
+            hits.setdefault(path.stem, []).append((origin, path))
+    return [Named(name, found[0][1], found[0][0], tuple(origin for origin, _ in found[1:])) for name, found in sorted(hits.items())]
+
+
 def _named(kind: str, name_or_path: str) -> Path:
-    """A bare name looks in the project's folder of that kind; a path (has '/' or '.yaml') is used as is."""
+    """A bare name is looked for along search_dirs(kind); a path (has '/' or '.yaml') is used as is."""
     if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml")):
         return Path(name_or_path)
-    path = PROJECT_ROOT / kind / f"{name_or_path}.yaml"
-    if not path.exists():
-        known = ", ".join(list_names(kind)) or "none"
-        singular = kind.rstrip("s")
-        raise ConfigError(f"unknown {singular} {name_or_path!r} (known: {known}); see `edgeft {kind}`")
-    return path
+    dirs = search_dirs(kind)
+    for _origin, folder in dirs:
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    searched = ", ".join(f"{folder} ({origin})" for origin, folder in dirs)
+    known = ", ".join(list_names(kind)) or "none"
+    raise ConfigError(f"unknown {kind.rstrip('s')} {name_or_path!r}: no {name_or_path}.yaml in {searched}; "
+                      f"known: {known} (see `edgeft {kind}`), or pass a path to a YAML file")
 
 
 def list_names(kind: str) -> list[str]:
-    return sorted(p.stem for p in (PROJECT_ROOT / kind).glob("*.yaml"))
+    return [named.name for named in find_named(kind)]
 
 
 def load_target(name_or_path: str) -> Target:
@@ -298,8 +369,28 @@ def load_profile(name_or_path: str) -> Profile:
     return load_yaml(path, Profile, {"name": path.stem})
 
 
+def lab_candidates() -> list[Path]:
+    """Where the lab file is looked for when none is given: ./hil/lab.yaml, then $EDGEFT_HOME/hil/lab.yaml."""
+    candidates = [Path.cwd() / "hil" / "lab.yaml"]
+    if edgeft_home():
+        candidates.append(edgeft_home() / "hil" / "lab.yaml")
+    return candidates
+
+
+def default_lab_path() -> Path:
+    """The first lab candidate that exists, else the first (where `edgeft lab emulate` writes a new one)."""
+    candidates = lab_candidates()
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
 def load_lab(path: Path | None = None) -> Lab:
-    path = Path(path) if path else PROJECT_ROOT / "hil" / "lab.yaml"
+    if path is None:
+        path = default_lab_path()
+        if not path.is_file():
+            searched = " and ".join(str(p) for p in lab_candidates())
+            raise ConfigError(f"no lab file: looked for {searched}; pass --lab FILE, or write hil/lab.yaml "
+                              f"(or ${HOME_ENV}/hil/lab.yaml) listing your devices")
+    path = Path(path)
     lab = load_yaml(path, Lab)
     # Key files and known_hosts are relative to the lab file, so a lab dir can be moved as a whole.
     for device in lab.devices:

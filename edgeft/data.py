@@ -140,7 +140,7 @@ def _rows(path: Path, role: str) -> Iterator[tuple[str, Any]]:
         else:
             yield from _json_rows(path)
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save the {role} as UTF-8") from None
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save the {role} as UTF-8") from exc
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -151,7 +151,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 records = json.load(f)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+                raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
             for index, record in enumerate(records):
                 yield f"{path}:row {index}", record
             return
@@ -161,7 +161,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{line_no}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+                raise ConfigError(f"{path}:{line_no}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
             yield f"{path}:{line_no}", record
 
 
@@ -179,7 +179,7 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
                     continue
                 yield f"{path}:{start}", dict(zip(header, row))
         except csv.Error as exc:
-            raise ConfigError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+            raise ConfigError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from exc
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -188,7 +188,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-        raise ConfigError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from exc
     index = 0
     for batch in parquet.iter_batches(batch_size=4096):
         for record in batch.to_pylist():
@@ -205,7 +205,7 @@ def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise ConfigError(
             f"{path}: a directory, but not a saved Hugging Face dataset ({str(exc).splitlines()[0]}); "
             "save one with Dataset.save_to_disk, or pass a JSONL/CSV/Parquet file"
-        ) from None
+        ) from exc
     if isinstance(dataset, datasets.DatasetDict):
         names = list(dataset)
         if "train" not in dataset and len(names) != 1:

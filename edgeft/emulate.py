@@ -42,7 +42,7 @@ import yaml
 from filelock import FileLock, Timeout
 
 from .artifact import atomic_dir, cache_root, digest_of, write_atomic
-from .config import PROJECT_ROOT, Lab, LabDevice, load_lab, load_yaml
+from .config import Lab, LabDevice, default_lab_path, load_lab, load_yaml
 from .device.ssh import SshTransport
 from .errors import ConfigError, DeviceError
 
@@ -153,7 +153,7 @@ def _run(argv: list[str], what: str, log: Log, log_file: Path, env: dict[str, st
                 except subprocess.TimeoutExpired:
                     elapsed = time.monotonic() - start
                     if elapsed > timeout:
-                        raise DeviceError(f"{what} did not finish in {timeout:.0f} s; full log: {log_file}") from None
+                        raise DeviceError(f"{what} did not finish in {timeout:.0f} s; full log: {log_file}")
                     log(f"  {what}: {elapsed:.0f} s, {(lines[-1] if lines else 'no output yet')[:120]}")
         except BaseException:
             proc.kill()
@@ -347,7 +347,7 @@ def _check_name(name: str) -> None:
 
 
 def _lab_path(lab_path: Path | None) -> Path:
-    return Path(lab_path) if lab_path else PROJECT_ROOT / "hil" / "lab.yaml"
+    return Path(lab_path) if lab_path else default_lab_path()
 
 
 def _check_lab(name: str, lab_path: Path) -> LabDevice | None:

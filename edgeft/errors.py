@@ -18,8 +18,25 @@ class ModelError(EdgeftError):
     """A model dir is unusable, or a stage's validation against its reference failed."""
 
 
+class QualityCheckFailed(ModelError):
+    """A stage's own check of its result against its reference failed (e.g. int8 agrees with fp32 on too
+    few next tokens): not bad input but a result that misses a bar, so exit 1 like a failed budget. The
+    message names the check, the measured value, the bar and the setting to try."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, check: str, value: float, limit: float, setting: str):
+        super().__init__(message)
+        self.check, self.value, self.limit, self.setting = check, value, limit, setting
+
+
 class DeviceError(EdgeftError):
     """A device is unreachable, refuses auth, has an unknown host key, or its runner failed."""
+
+
+class ConnectionLost(DeviceError):
+    """The network path to a device failed (unreachable, or the connection dropped): a retry may work,
+    unlike a refused key or a failing command. Resumable work (edgeft.flash.transfer) reconnects on it."""
 
 
 class BundleError(EdgeftError):

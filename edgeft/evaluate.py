@@ -41,7 +41,7 @@ def load_general_text(path: Path | None = None) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the general text (eval.general_text): {exc}") from None
+        raise ConfigError(f"{path}: cannot read the general text (eval.general_text): {exc}") from exc
     lines = [line for line in text.splitlines(keepends=True) if line.strip()]
     if not lines:
         raise ConfigError(f"{path}: the general text (eval.general_text) has no non-blank lines")

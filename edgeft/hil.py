@@ -143,7 +143,7 @@ def budget_overrides(*layers: Budgets | dict | None) -> dict[str, Any]:
                 layer = Budgets.model_validate(layer)
             except ValidationError as exc:
                 err = exc.errors()[0]
-                raise ConfigError(f"budgets: field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
+                raise ConfigError(f"budgets: field '{'.'.join(map(str, err['loc']))}': {err['msg']}") from exc
         merged.update(layer.model_dump(exclude_unset=True))
     return merged
 
@@ -177,7 +177,7 @@ def _bundle_manifest(path: Path, where: str) -> dict[str, Any]:
     try:
         return verify_bundle(path)
     except RunnerError as exc:
-        raise BundleError(f"{where}: bundle {path}: {exc}; pass a dir written by `edgeft build`") from None
+        raise BundleError(f"{where}: bundle {path}: {exc}; pass a dir written by `edgeft build`") from exc
 
 
 def plan_suite(suite: Suite, lab_path: Path | None, results_dir: Path, log: Callable[[str], None] = print,
@@ -223,7 +223,7 @@ def _bundle_selectors(suite: Suite, lab: Lab | None, spec: BundleSpec, manifest:
             try:
                 check_target(lab.device(selector.name), target, arch, runtime, what)
             except DeviceError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
+                raise ConfigError(f"{where}: {exc}") from exc
             selectors.append(selector)
         elif selector.each:
             fits = [d.name for d in lab.devices if set(selector.tags) <= set(d.tags) and _runs(d, target, arch, runtime, what)]

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import Lab, LabDevice, load_lab, load_target
 from .device.reserve import lock_status, open_device, read_health, record_health
-from .errors import ConfigError, EdgeftError
+from .errors import ConfigError, DeviceError, EdgeftError
 
 MIN_FREE_MB = 512  # below this in the workdir a bundle may not fit: unhealthy
 MAX_PARALLEL = 16
@@ -110,6 +110,22 @@ def lab_list(lab_path: Path | None = None) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------- check
+def probe_facts(transport, runtime: str | None) -> dict[str, Any]:
+    """PROBE_SCRIPT's facts from the device's python (runtime: the target's, whose module and version it
+    reports); raises DeviceError when that python does not run it."""
+    modules = RUNTIME_MODULES.get(runtime, []) if runtime else []
+    run = transport.run([transport.python, "-c", PROBE_SCRIPT, json.dumps(modules)], timeout=60)
+    try:
+        found = json.loads(run.stdout.strip().splitlines()[-1]) if run.ok else None
+    except (ValueError, IndexError):
+        found = None
+    if not isinstance(found, dict):
+        detail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DeviceError(f"python {transport.python!r} does not run the probe (exit {run.returncode}: {detail}); "
+                          "set 'python' to a python3 with numpy and the runtime")
+    return found
+
+
 def probe(device: LabDevice, lab: Lab, trust_new_host_key: bool = False) -> dict[str, Any]:
     """Probe one device; {"name", "healthy", "problems": [...], "warnings": [...], "facts": {...}}."""
     result: dict[str, Any] = {"name": device.name, "target": device.target, "problems": [], "warnings": [], "facts": {}}
@@ -125,32 +141,22 @@ def probe(device: LabDevice, lab: Lab, trust_new_host_key: bool = False) -> dict
         problems.append(str(exc))
     else:
         try:
-            modules = RUNTIME_MODULES.get(target.runtime, []) if target else []
-            run = transport.run([transport.python, "-c", PROBE_SCRIPT, json.dumps(modules)], timeout=60)
-            try:
-                found = json.loads(run.stdout.strip().splitlines()[-1]) if run.ok else None
-            except (ValueError, IndexError):
-                found = None
-            if not isinstance(found, dict):
-                detail = (run.stderr.strip().splitlines() or ["no output"])[-1]
-                problems.append(f"python {transport.python!r} does not run the probe (exit {run.returncode}: {detail}); "
-                                "set 'python' to a python3 with numpy and the runtime")
-            else:
-                facts.update(python=found["python"], arch=found["machine"], free_mb=round(found["free_bytes"] / 2**20),
-                             numpy=found["numpy"].get("version"), thermal=found["thermal"])
-                if "error" in found["numpy"]:
-                    problems.append(f"numpy does not import with {transport.python}: {found['numpy']['error']}")
-                if target is not None:
-                    facts["runtime"] = {"name": target.runtime, **found["runtime"]}
-                    if "error" in found["runtime"]:
-                        problems.append(f"runtime {target.runtime} does not import with {transport.python}: {found['runtime']['error']}")
-                    arch = ARCH_ALIASES.get(found["machine"], found["machine"])
-                    if arch != target.arch:
-                        problems.append(f"arch {found['machine']} is not target {target.name}'s {target.arch}")
-                if facts["free_mb"] < MIN_FREE_MB:
-                    problems.append(f"only {facts['free_mb']} MB free in the workdir (need {MIN_FREE_MB})")
-                if found["thermal"]["readable"] == 0:
-                    warnings.append("no readable thermal sensors: temperatures and throttling will not be reported")
+            found = probe_facts(transport, target.runtime if target else None)
+            facts.update(python=found["python"], arch=found["machine"], free_mb=round(found["free_bytes"] / 2**20),
+                         numpy=found["numpy"].get("version"), thermal=found["thermal"])
+            if "error" in found["numpy"]:
+                problems.append(f"numpy does not import with {transport.python}: {found['numpy']['error']}")
+            if target is not None:
+                facts["runtime"] = {"name": target.runtime, **found["runtime"]}
+                if "error" in found["runtime"]:
+                    problems.append(f"runtime {target.runtime} does not import with {transport.python}: {found['runtime']['error']}")
+                arch = ARCH_ALIASES.get(found["machine"], found["machine"])
+                if arch != target.arch:
+                    problems.append(f"arch {found['machine']} is not target {target.name}'s {target.arch}")
+            if facts["free_mb"] < MIN_FREE_MB:
+                problems.append(f"only {facts['free_mb']} MB free in the workdir (need {MIN_FREE_MB})")
+            if found["thermal"]["readable"] == 0:
+                warnings.append("no readable thermal sensors: temperatures and throttling will not be reported")
         except EdgeftError as exc:
             problems.append(str(exc))
         finally:

@@ -30,7 +30,7 @@ def load(model_path: Path, threads: int = 1, options: dict | None = None):
         with captured_output() if is_tflite else contextlib.nullcontext():
             backend.load(model_path, threads, options=options)
     except RunnerError as exc:
-        raise ModelError(str(exc)) from None
+        raise ModelError(str(exc)) from exc
     return backend
 
 

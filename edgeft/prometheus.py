@@ -35,7 +35,7 @@ def prometheus_path(dest: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--prometheus {dest}: cannot create its directory {path.parent} ({exc.strerror})") from None
+        raise ConfigError(f"--prometheus {dest}: cannot create its directory {path.parent} ({exc.strerror})") from exc
     return path
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 
 from .errors import BundleError
+from .flash.signing import signature_state
 
 # Plots as SVG text: fonts as <text> (small, selectable), no creation date, fixed ids: byte-stable output.
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "edgeft-report", "font.size": 9, "figure.dpi": 100,
@@ -85,6 +86,7 @@ def _telemetry_svgs(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
                            "gpu": [r.get("gpu_freq_mhz") for r in rows], "emc": [r.get("emc_freq_mhz") for r in rows]}),
         ("Power", "mW", _keyed(rows, "power_mw")),
     ]
+    spans = _hot_spans(ts, rows)
     out = []
     with plt.rc_context(_RC):
         for title, unit, series in groups:
@@ -92,6 +94,8 @@ def _telemetry_svgs(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
             if not series:
                 continue
             fig, ax = _figure(height=2.2)
+            for i, (start, end) in enumerate(spans):
+                ax.axvspan(start, end, color="#e45756", alpha=0.15, linewidth=0, label=None if i else "throttling (zone at its passive trip)")
             for name, values in series.items():
                 ax.plot(ts, [float("nan") if v is None else v for v in values], label=name, linewidth=1.2)
             ax.set_xlabel("seconds since the runner started")
@@ -99,6 +103,91 @@ def _telemetry_svgs(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
             ax.legend(loc="best", frameon=False, fontsize=8)
             out.append((title, _svg(fig)))
     return out
+
+
+def _hot_spans(ts: list[float], rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(start, end) seconds of each run of samples with a zone at or over its passive trip (`hot_zones`), from the
+    sample before the first hot one to the hot run's last sample: the throttling began somewhere in between."""
+    spans: list[tuple[float, float]] = []
+    start = None
+    for i, row in enumerate(rows):
+        if row.get("hot_zones") and start is None:
+            start = ts[i - 1] if i else ts[i]
+        elif not row.get("hot_zones") and start is not None:
+            spans.append((start, ts[i - 1] if ts[i - 1] > start else ts[i]))
+            start = None
+    if start is not None:
+        spans.append((start, ts[-1]))
+    return spans
+
+
+def _phases_svg(cold: dict[str, Any], first_token_ms: float | None, latency: dict[str, Any],
+                sustained: dict[str, Any] | None) -> str | None:
+    """Cold start vs warm vs sustained: the phases side by side, and the soak's windows over time."""
+    bars = [(name, value) for name, value in (("cold start\n(load + first run)", cold.get("total")), ("first token", first_token_ms),
+                                               ("warm p50", latency.get("p50")), ("warm p99", latency.get("p99")),
+                                               ("sustained p50", ((sustained or {}).get("latency_ms") or {}).get("p50")))
+            if value is not None]
+    windows = (sustained or {}).get("windows") or []
+    if len(bars) < 2 and not windows:
+        return None
+    plt = _plt()
+    with plt.rc_context(_RC):
+        fig, (phases, soak) = _figure(ncols=2, height=2.6)
+        phases.barh([name for name, _ in bars][::-1], [value for _, value in bars][::-1], color="#4c78a8")
+        phases.set_xscale("log")
+        phases.set_xlabel("ms (log scale)")
+        if windows:
+            starts = [w["t_start_s"] for w in windows]
+            soak.plot(starts, [w["p50"] for w in windows], "o-", color="#4c78a8", label="window p50")
+            soak.plot(starts, [w["p99"] for w in windows], "o-", color="#e45756", label="window p99")
+            if latency.get("p50") is not None:
+                soak.axhline(latency["p50"], color="#54a24b", linestyle="--", linewidth=1, label="warm p50")
+            soak.set_xlabel("seconds into the sustained run")
+            soak.set_ylabel("latency per step (ms)")
+            soak.legend(frameon=False, fontsize=8)
+        else:
+            soak.text(0.5, 0.5, "no sustained run\n(profile measure.sustained_s is 0)", ha="center", va="center",
+                      transform=soak.transAxes, color="#666")
+            soak.set_axis_off()
+        return _svg(fig)
+
+
+def _signature_text(bundle_dir: Path) -> str:
+    """What the bundle's signature says (read, not verified: the page has no trusted key; `edgeft verify` checks)."""
+    state = signature_state(bundle_dir)
+    if not state["signed"]:
+        return "not signed: its budgets and files are not tamper-proof (edgeft sign BUNDLE --key K)"
+    if state["problem"]:
+        return f"signature unreadable: {state['problem']}"
+    expires = f", expires {state['expires']}" if state.get("expires") else ""
+    return (f"signed with key {state['key_id']}, channel {state['channel']} version {state['version']}{expires} "
+            "(check it: edgeft verify BUNDLE --pubkey edgeft.pub)")
+
+
+def _data_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The data check (edgeft.data.DataReport.to_dict, as kept in the bundle's provenance) as table rows."""
+    counts = data.get("counts") or {}
+    splits = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "total")
+    rows = [("splits", splits + (f" (total {counts['total']})" if "total" in counts else "")),
+            ("duplicates removed", str(data.get("duplicates_removed", "—")))]
+    lengths = data.get("lengths")
+    if lengths:
+        rows.append((f"length ({lengths.get('unit')}, {lengths.get('measured_with')})",
+                     ", ".join(f"{k} {_fmt(lengths.get(k))}" for k in ("min", "p50", "p90", "p99", "max"))))
+    if data.get("truncated") is not None:
+        rows.append((f"over max_length {data.get('max_length')}", ", ".join(f"{k} {v}" for k, v in data["truncated"].items())))
+    for split, leak in (data.get("leakage") or {}).items():
+        rows.append((f"{split} prompts also in train", f"{leak.get('exact', 0)} exact, {leak.get('near', 0)} near-duplicate"))
+    sensitive = data.get("sensitive") or {}
+    if sensitive.get("mode") == "off":
+        rows.append(("likely sensitive data", "not scanned (data.sensitive: off)"))
+    else:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted((sensitive.get("by_kind") or {}).items()))
+        rows.append(("likely sensitive data", f"{sensitive.get('count', 0)}" + (f" ({kinds})" if kinds else "") + f"; mode {sensitive.get('mode')}"))
+    for warning in data.get("warnings") or []:
+        rows.append(("warning", warning))
+    return rows
 
 
 def _keyed(rows: list[dict[str, Any]], field: str) -> dict[str, list[float | None]]:
@@ -137,7 +226,7 @@ def _jsonl(path: Path | None) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except ValueError as exc:
-        raise BundleError(f"{path}: not JSON lines ({exc})") from None
+        raise BundleError(f"{path}: not JSON lines ({exc})") from exc
 
 
 def _checks(gate: dict[str, Any]) -> list[dict[str, Any]]:
@@ -202,10 +291,12 @@ def _render_report(report: dict[str, Any], bundle_dir: Path | None, telemetry_pa
         "device_name": device.get("name") or "—", "emulated": device.get("emulated"), "arch": device.get("arch"),
         "runtime": f"{runtime.get('name') or manifest.get('runtime') or '?'} {runtime.get('version', '')}".strip(),
         "model_sha256": (manifest.get("files") or {}).get(model_file) or ((runner.get("bundle") or {}).get("model_sha256")),
-        "signature": (manifest.get("signature") or {}).get("state") if isinstance(manifest.get("signature"), dict) else None,
+        "signature": _signature_text(bundle_dir) if manifest else None,
         "verdict": (report.get("gate") or {}).get("verdict", "NOT MEASURED"),
         "checks": _checks(report.get("gate") or {}),
         "latency": latency, "latency_svg": _latency_svg(samples, latency) if samples else None,
+        "phases_svg": _phases_svg(cold, report.get("first_token_ms"), latency, sustained if isinstance(sustained, dict) else None),
+        "throttled_spans": len(_hot_spans([r["t"] for r in telemetry], telemetry)) if telemetry else 0,
         "phases": [(name, value) for name, value in (("cold start total (ms)", cold.get("total")),
                                                      ("first token (ms)", report.get("first_token_ms")),
                                                      ("warm p50 (ms)", latency.get("p50")),
@@ -222,7 +313,7 @@ def _render_report(report: dict[str, Any], bundle_dir: Path | None, telemetry_pa
         "metric_names": metric_names, "metrics": metrics,
         "forgetting": report.get("forgetting"),
         "training_svg": _training_svg(train_log),
-        "data_check": report.get("data"), "dataset": dataset,
+        "data_rows": _data_rows(report["data"]) if isinstance(report.get("data"), dict) else None, "dataset": dataset,
         "fmt": _fmt,
     }
     return _TEMPLATE.render(**context)
@@ -240,6 +331,8 @@ def _search_svg(result: dict[str, Any]) -> str:
         for ax, field, scale, label, limit in ((by_latency, "latency_ms_p99", 1, "p99 latency per step (ms)", latency_budget),
                                                (by_size, "size_bytes", 1e-6, "model size (MB)", budgets.get("max_model_mb"))):
             for row in rows:
+                if row[field] is None or row["accuracy"] is None:
+                    continue  # failed a stage's own check: nothing measured to plot
                 chosen = row["candidate"] == result.get("chosen")
                 x = row[field] * scale
                 ax.scatter([x], [row["accuracy"]], s=120 if chosen else 40, marker="*" if chosen else "o",
@@ -279,6 +372,22 @@ def render_suite(result: dict[str, Any], page_dir: Path) -> str:
     return _SUITE_TEMPLATE.render(suite=result["suite"], rows=rows, wall_s=result.get("wall_s"), fmt=_fmt)
 
 
+def render_rollout(result: dict[str, Any]) -> str:
+    """The HTML page for a flash rollout (edgeft-rollout/1): what was rolled out, whether it halted, and one row
+    per device with its result, the version it runs now and before, bytes sent and why it failed or was skipped."""
+    rows = []
+    for device in result["devices"]:
+        previous = device.get("previous")
+        rows.append({"device": device["device"], "result": device["result"],
+                     "css": "PASS" if device["result"] in ("installed", "already-current") else
+                            "SKIP" if str(device["result"]).startswith("skipped") else "FAIL",
+                     "version": device.get("version"),
+                     "previous": previous.get("version") if isinstance(previous, dict) else previous,
+                     "bytes_sent": device.get("bytes_sent"), "seconds": device.get("seconds"),
+                     "reason": device.get("reason") or ""})
+    return _ROLLOUT_TEMPLATE.render(r=result, rows=rows, fmt=_fmt)
+
+
 def render_report_file(path: Path, bundle_dir: Path | None = None) -> tuple[str, Path]:
     """(HTML, report.json path) for a bundle directory, a report .json or HIL suite results. The bundle (manifest, training
     log) is `bundle_dir`, else the report's own directory when it has a manifest, else the one the report
@@ -291,14 +400,16 @@ def render_report_file(path: Path, bundle_dir: Path | None = None) -> tuple[str,
     try:
         report = json.loads(report_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{report_path}: not JSON ({exc})") from None
+        raise BundleError(f"{report_path}: not JSON ({exc})") from exc
     if isinstance(report, dict) and report.get("format") == "edgeft-hil/1":  # `edgeft hil run --json` results
         return render_suite(report, report_path.parent), report_path
     if isinstance(report, dict) and report.get("format") == "edgeft-search/1":  # `edgeft build --search`
         return render_search(report), report_path
+    if isinstance(report, dict) and report.get("format") == "edgeft-rollout/1":  # `edgeft flash -o R.json`
+        return render_rollout(report), report_path
     if not isinstance(report, dict) or report.get("format") != "edgeft-report/1":
         what = f"format {report.get('format')!r}" if isinstance(report, dict) else f"a JSON {type(report).__name__}"
-        raise BundleError(f"{report_path}: not an edgeft report ({what}; expected edgeft-report/1, edgeft-hil/1 or edgeft-search/1)")
+        raise BundleError(f"{report_path}: not an edgeft report ({what}; expected edgeft-report/1, edgeft-hil/1, edgeft-search/1 or edgeft-rollout/1)")
     if bundle_dir is not None and not (Path(bundle_dir) / "manifest.json").is_file():
         raise BundleError(f"--bundle {bundle_dir}: no manifest.json there (give the bundle directory the report was measured from)")
     if bundle_dir is None:
@@ -328,6 +439,22 @@ def _page(title: str, body: str) -> jinja2.Template:
         f"<title>{title}</title>\n<style>{_STYLE}</style></head><body>\n" + body)
 
 
+_ROLLOUT_TEMPLATE = _page("edgeft rollout: {{ r.channel }} version {{ r.version }}", """\
+<h1>edgeft rollout: {{ r.target }}, channel {{ r.channel }} version {{ r.version }}</h1>
+<section id="rollout"><h2>Devices</h2>
+<p>Bundle <code>{{ r.bundle }}</code> from <code>{{ r.path }}</code>; {{ rows | length }} device(s), canary {{ r.canary }},
+at most {{ r.parallel }} at a time{% if r.max_failures is not none %}, halt after {{ r.max_failures }} failure(s){% endif %};
+{{ r.started }} → {{ r.finished }} ({{ fmt(r.wall_s) }} s).</p>
+{% if r.halted %}<p class="FAIL">halted: {{ r.halted }}</p>{% endif %}
+<p>{% for name, n in r.counts.items() %}{{ name }}: {{ n }}{% if not loop.last %}, {% endif %}{% endfor %}</p>
+<table><tr><th>device</th><th>result</th><th>version</th><th>previous version</th><th>bytes sent</th><th>seconds</th><th>why</th></tr>
+{% for d in rows %}
+<tr class="device"><td>{{ d.device }}</td><td class="{{ d.css }}">{{ d.result }}</td><td>{{ fmt(d.version) }}</td><td>{{ fmt(d.previous) }}</td>
+<td>{{ fmt(d.bytes_sent) }}</td><td>{{ fmt(d.seconds) }}</td><td>{{ d.reason }}</td></tr>
+{% endfor %}
+</table></section>
+</body></html>
+""")
 _SEARCH_TEMPLATE = _page("edgeft budget search: {{ r.target }} ({{ r.chosen or \"nothing chosen\" }})", """\
 <h1>edgeft budget search: {{ r.target }} on {{ r.device }}, profile {{ r.profile }}</h1>
 <section id="search"><h2>Candidates</h2>
@@ -336,7 +463,7 @@ _SEARCH_TEMPLATE = _page("edgeft budget search: {{ r.target }} ({{ r.chosen or \
 <table><tr><th>candidate</th><th>verdict</th><th>exact match</th><th>p50 (ms)</th><th>p99 (ms)</th><th>size (MB)</th><th>peak RSS (MB)</th><th>failed budgets</th></tr>
 {% for c in r.candidates %}
 <tr class="candidate"><td>{{ c.candidate }}{% if c.candidate == r.chosen %} (chosen){% endif %}</td><td class="{{ c.verdict }}">{{ c.verdict }}</td><td>{{ fmt(c.accuracy) }}</td>
-<td>{{ fmt(c.latency_ms_p50) }}</td><td>{{ fmt(c.latency_ms_p99) }}</td><td>{{ fmt((c.size_bytes / 1e6) | round(3)) }}</td><td>{{ fmt(c.peak_rss_mb) }}</td><td>{{ c.failed | join(", ") }}</td></tr>
+<td>{{ fmt(c.latency_ms_p50) }}</td><td>{{ fmt(c.latency_ms_p99) }}</td><td>{{ fmt(none if c.size_bytes is none else (c.size_bytes / 1e6) | round(3)) }}</td><td>{{ fmt(c.peak_rss_mb) }}</td><td>{{ c.failed | join(", ") }}{% if c.error %}: {{ c.error }}{% endif %}</td></tr>
 {% endfor %}
 </table></section>
 </body></html>
@@ -377,6 +504,7 @@ _TEMPLATE = _page("edgeft report: {{ target }} on {{ device_name }} ({{ verdict 
 p50 {{ fmt(latency.p50) }} ms, p90 {{ fmt(latency.p90) }} ms, p99 {{ fmt(latency.p99) }} ms (min {{ fmt(latency.min) }}, max {{ fmt(latency.max) }}).</p>
 {{ latency_svg | safe }}
 {% else %}<p class="note">no latency samples in this report</p>{% endif %}
+{% if phases_svg %}<h3>Cold start, warm and sustained</h3>{{ phases_svg | safe }}{% endif %}
 <table>{% for name, value in phases %}<tr><th>{{ name }}</th><td>{{ fmt(value) }}</td></tr>{% endfor %}
 {% if sustained %}{% for name, value in sustained %}<tr><th>{{ name }}</th><td>{{ fmt(value) }}</td></tr>{% endfor %}
 {% elif measured %}<tr><th>sustained</th><td class="note">not run (profile measure.sustained_s is 0)</td></tr>{% endif %}
@@ -385,7 +513,7 @@ p50 {{ fmt(latency.p50) }} ms, p90 {{ fmt(latency.p90) }} ms, p99 {{ fmt(latency
 <section id="telemetry"><h2>Telemetry</h2>
 {% if throttle.get("throttled") %}<p class="FAIL">the device throttled during the run: {{ throttle.get("reasons", []) | join(", ") }}</p>
 {% elif throttle %}<p>no throttling seen during the run.</p>{% endif %}
-{% if telemetry_rows %}<p>{{ telemetry_rows }} samples from <code>telemetry.jsonl</code>.</p>{% else %}<p class="note">no telemetry samples with this report</p>{% endif %}
+{% if telemetry_rows %}<p>{{ telemetry_rows }} samples from <code>telemetry.jsonl</code>{% if throttled_spans %}; shaded: {{ throttled_spans }} span(s) with a thermal zone at or over its passive trip{% endif %}.</p>{% else %}<p class="note">no telemetry samples with this report</p>{% endif %}
 {% for title, svg in telemetry_svgs %}<h3>{{ title }}</h3>{{ svg | safe }}{% endfor %}
 {% if telemetry_reasons %}<p class="note">no sensors for:</p><ul class="note">{% for k, v in telemetry_reasons.items() %}<li>{{ k }}: {{ v }}</li>{% endfor %}</ul>{% endif %}
 </section>
@@ -405,7 +533,8 @@ p50 {{ fmt(latency.p50) }} ms, p90 {{ fmt(latency.p90) }} ms, p99 {{ fmt(latency
 </section>
 
 <section id="data"><h2>Data</h2>
-{% if data_check %}<table>{% for k, v in data_check.items() %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
+{% if data_rows %}<p>{% if dataset %}<code>{{ dataset.path }}</code> (sha256 <code>{{ dataset.sha256 }}</code>), checked before training:{% else %}Checked before training:{% endif %}</p>
+<table class="data">{% for k, v in data_rows %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
 {% elif dataset %}<p>splits: train {{ dataset.train }}, validation {{ dataset.val }}, test {{ dataset.test }} (sha256 <code>{{ dataset.sha256 }}</code>).</p>
 <p class="note">lengths, leakage and sensitive-data counts are not stored in the bundle: run <code>edgeft data check</code>.</p>
 {% else %}<p class="note">no data check with this report</p>{% endif %}

@@ -12,9 +12,12 @@ import os
 import tempfile
 import zipapp
 import zipfile
+from importlib import resources
 from pathlib import Path
 
-RUNNER_PACKAGE_DIR = Path(__file__).resolve().parent.parent / "runner" / "edgeft_runner"
+# The installed edgeft_runner package (runner/edgeft_runner in the repository, see pyproject.toml), so a
+# wheel install zips the same sources as a checkout.
+RUNNER_PACKAGE_DIR = Path(resources.files("edgeft_runner"))
 INTERPRETER = "/usr/bin/env python3"
 TOP_LEVEL_MAIN = (
     "import sys\n"
@@ -42,6 +45,13 @@ def _runner_zip_bytes(package_dir: Path) -> bytes:
             arcname = f"{package_dir.name}/{path.relative_to(package_dir).as_posix()}"
             _zip_entry(z, arcname, path.read_bytes())
     return buffer.getvalue()
+
+
+def runner_sha256() -> str:
+    """The sha256 of the runner.pyz build_runner_zipapp writes, computed in memory (it is reproducible)."""
+    archive = io.BytesIO()
+    zipapp.create_archive(io.BytesIO(_runner_zip_bytes(RUNNER_PACKAGE_DIR)), archive, interpreter=INTERPRETER)
+    return hashlib.sha256(archive.getvalue()).hexdigest()
 
 
 def build_runner_zipapp(out_path: Path) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from . import pipeline
 from .artifact import write_atomic
 from .build import BuildOptions, compile_model, package_and_measure, prepare, write_bundle
-from .errors import ConfigError
+from .errors import ConfigError, QualityCheckFailed
 from .report_html import render_search
 from .stages import STAGES
 
@@ -31,6 +31,15 @@ DEFAULT_CANDIDATES: dict[str, list[dict[str, dict[str, Any]]]] = {
     "pruned25+kd-int8": [{"prune": {"mlp_ratio": 0.25}}, {"distill": {}}, {"export": {}}, {"quantize": {"mode": "int8-dynamic"}}],
     "pruned50+kd-int8": [{"prune": {"mlp_ratio": 0.5}}, {"distill": {}}, {"export": {}}, {"quantize": {"mode": "int8-dynamic"}}],
 }
+
+
+def quality_failure_report(exc: QualityCheckFailed) -> dict[str, Any]:
+    """A candidate whose stage failed its own quality check: nothing measured, its gate failed on that check."""
+    check = {"budget": exc.check, "measured": exc.value, "limit": exc.limit, "status": "fail",
+             "direction": "min" if exc.value < exc.limit else "max", "setting": exc.setting}
+    return {"model": {"precision": None, "size_bytes": None}, "accuracy": {"device": None}, "latency_ms": {"p50": None, "p99": None},
+            "first_token_ms": None, "decode_tokens_per_s": None, "peak_rss_mb": None, "measurement_cached": False,
+            "gate": {"passed": False, "verdict": "FAIL", "checks": [check]}, "error": str(exc)}
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Candidate:
             "verdict": r["gate"]["verdict"],
             "failed": [c["budget"] for c in r["gate"]["checks"] if c["status"] == "fail"],
             "checks": r["gate"]["checks"],
+            "error": r.get("error"),  # a stage's own quality check that failed: nothing was measured
         }
 
 
@@ -75,7 +85,10 @@ def _miss(check: dict[str, Any]) -> float:
     return gap / abs(limit) if limit else float("inf")
 
 
-def search(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def search(options: BuildOptions, progress=None, log: Callable[[str], None] = print,
+           reports: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Build and measure every candidate; choose the most accurate one within the budgets. `reports`, when given,
+    receives each candidate's full report by name (for --prometheus)."""
     prep = prepare(options, progress, log)
     profile = prep.profile
     prefix = shared_prefix(profile)
@@ -86,9 +99,16 @@ def search(options: BuildOptions, progress=None, log: Callable[[str], None] = pr
 
     for candidate in candidates:
         log(f"candidate {candidate.name}: {' → '.join(s.name for s in candidate.stages)}")
-        candidate.final, candidate.outcomes = compile_model(prep, candidate.stages, f"{profile.source}: search.candidates.{candidate.name}")
+        try:
+            candidate.final, candidate.outcomes = compile_model(prep, candidate.stages, f"{profile.source}: search.candidates.{candidate.name}")
+        except QualityCheckFailed as exc:  # e.g. int8 too far from fp32: a failed candidate, not a failed search
+            log(f"candidate {candidate.name}: failed its own check: {exc}")
+            candidate.report = quality_failure_report(exc)
+            continue
         with tempfile.TemporaryDirectory(prefix="edgeft-candidate-") as tmp:
             candidate.report = package_and_measure(prep, candidate.final, candidate.outcomes, Path(tmp), use_measure_cache=not options.force)
+        if reports is not None:
+            reports[candidate.name] = candidate.report
 
     rows = [c.row() for c in candidates]
     passing = [c for c in candidates if c.report["gate"]["passed"]]

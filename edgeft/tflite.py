@@ -52,7 +52,7 @@ def _litert_export():
         import torch._dynamo  # noqa: F401  (litert-torch expects it imported first)
         from ai_edge_litert import schema_py_generated
     except ImportError:
-        raise ConfigError(INSTALL_HINT) from None
+        raise ConfigError(INSTALL_HINT)
     aliases = {}
     if "tensorflow" not in sys.modules:
         for name in ("tensorflow", "tensorflow.lite", "tensorflow.lite.python"):
@@ -66,7 +66,7 @@ def _litert_export():
         with captured_output():  # its import prints transformers docstring-check [ERROR] lines
             from litert_torch.generative.export_hf import export
     except ImportError:
-        raise ConfigError(INSTALL_HINT) from None
+        raise ConfigError(INSTALL_HINT)
     finally:
         for name in aliases:
             sys.modules.pop(name, None)
@@ -136,7 +136,7 @@ def quantize(source: Path, dest: Path, mode: str, calibration_examples: list[tup
     try:
         from ai_edge_quantizer import quantizer, recipe
     except ImportError:
-        raise ConfigError(INSTALL_HINT) from None
+        raise ConfigError(INSTALL_HINT)
     engine = quantizer.Quantizer(str(source))
     special = {"fp16": _fp16_recipe, "int8-static": _static_recipe}
     engine.load_quantization_recipe(special[mode]() if mode in special else getattr(recipe, RECIPES[mode])())

@@ -106,9 +106,10 @@ class LabInfo:
 
 
 @contextmanager
-def _run_sshd(root: Path) -> Iterator[dict]:
+def _run_sshd(root: Path, sftp: bool = True) -> Iterator[dict]:
     """Keys, config and a running sshd -D in `root` on a free loopback port; stopped on exit.
-    Yields the SshdInfo fields that do not depend on the lab file."""
+    Yields the SshdInfo fields that do not depend on the lab file. sftp=False: no sftp subsystem
+    (like dropbear or a minimal gateway sshd), so SFTP requests are refused."""
     if not SSHD.exists():
         raise _missing(str(SSHD))
     if shutil.which("ssh-keygen") is None:
@@ -144,7 +145,7 @@ def _run_sshd(root: Path) -> Iterator[dict]:
                     "StrictModes no",
                     "PermitRootLogin prohibit-password",
                     f"PidFile {root / 'sshd.pid'}",
-                    "Subsystem sftp internal-sftp",
+                    *(["Subsystem sftp internal-sftp"] if sftp else []),
                     "PrintMotd no",
                     "LogLevel INFO",
                     "MaxStartups 100",  # concurrent reservations open many sessions at once
@@ -211,10 +212,11 @@ def _lab_entry(server: dict, name: str, tags: list[str]) -> dict:
 
 
 @contextmanager
-def start_sshd(tmp_path: Path) -> Iterator[SshdInfo]:
-    """Start sshd -D on a free loopback port; stop it (and remove nothing else) on exit."""
+def start_sshd(tmp_path: Path, sftp: bool = True) -> Iterator[SshdInfo]:
+    """Start sshd -D on a free loopback port; stop it (and remove nothing else) on exit.
+    sftp=False starts it without an sftp subsystem."""
     root = Path(tmp_path) / "sshd"
-    with _run_sshd(root) as server:
+    with _run_sshd(root, sftp=sftp) as server:
         lab_path = root / "lab.yaml"
         entry = _lab_entry(server, DEVICE_NAME, ["test"])
         lab_path.write_text(yaml.safe_dump({"devices": [entry]}, sort_keys=False))
@@ -264,3 +266,9 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdInfo]:
 def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
     """Three real sshds (dev-0, dev-1, dev-2) in one lab.yaml, for the whole session."""
     yield from _serve(start_lab(tmp_path_factory.mktemp("lab3"), 3))
+
+
+@pytest.fixture(scope="session")
+def sshd_nosftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdInfo]:
+    """One real sshd WITHOUT an sftp subsystem (like dropbear or a minimal gateway), for the session."""
+    yield from _serve(start_sshd(tmp_path_factory.mktemp("sshd-nosftp"), sftp=False))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,44 +17,18 @@ for _path in (REPO / "runner", Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import torch  # noqa: E402
-
 from edgeft.runner_app import build_runner_zipapp  # noqa: E402
 from edgeft_runner.__main__ import main  # noqa: E402
+from edgeft_runner import RunnerError  # noqa: E402
 from edgeft_runner.backends import create_backend  # noqa: E402
 from edgeft_runner.measure import greedy_generate, smoke_test, summarize_ms, task_accuracy, time_repeated  # noqa: E402
 from edgeft_runner.telemetry.thermal import ThermalTracker  # noqa: E402
-from onnx_kv_export import export_kv_onnx, tiny_llama  # noqa: E402
+from tiny_bundle import rehash, sha256, tiny_model, torch_greedy  # noqa: E402
+from tiny_bundle import bundle_template as build_bundle_template  # noqa: E402
 
-MAX_NEW_TOKENS = 6
-TASK_PROMPTS = [[5, 9, 13, 17], [40, 41, 42], [7, 7, 7, 7, 7, 30], [60, 3, 12]]
 REPORT_KEYS = {"format", "throttle", "jetson", "bundle", "device", "runtime", "load_s", "smoke", "latency_ms", "first_token_ms",
                "first_token_ms_runs", "decode_tokens_per_s", "decode_ms_per_token", "accuracy", "peak_rss_mb",
                "thermal", "wall_s", "cold_ms", "sustained", "conditions", "started_unix", "finished_unix"}
-
-
-def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
-    """Reference: greedy decoding in torch, re-running the whole sequence each step (no cache)."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        while len(out) < max_new_tokens:
-            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            out.append(token)
-            ids.append(token)
-            if token == eos:
-                break
-    return out
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def rehash(bundle: Path) -> None:
-    """Re-sign a bundle after a test edits a payload on purpose (to get past verification)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["files"] = {rel: sha256(bundle / rel) for rel in manifest["files"]}
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
 def write_sysfs(root: Path, zones: dict[str, tuple[str, str | None]]) -> Path:
@@ -72,42 +45,12 @@ def write_sysfs(root: Path, zones: dict[str, tuple[str, str | None]]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    model = tiny_llama(seed=0)
-    onnx_path = export_kv_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
-    return model, onnx_path
+    return tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def bundle_template(tiny, tmp_path_factory) -> Path:
-    model, onnx_path = tiny
-    bundle = tmp_path_factory.mktemp("bundle_template")
-    shutil.copy(onnx_path, bundle / "model.onnx")
-
-    input_ids = np.array([[3, 14, 15, 9, 26, 53, 58, 9]], dtype=np.int64)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(input_ids)).logits.numpy().astype(np.float32)
-    np.savez(bundle / "golden.npz", input_ids=input_ids, logits=logits)
-
-    # Use the model's own 3rd greedy token of the first prompt as EOS, so that example really stops on EOS.
-    eos = torch_greedy(model, TASK_PROMPTS[0], MAX_NEW_TOKENS, None)[2]
-    examples = [{"prompt_ids": p, "completion_ids": torch_greedy(model, p, MAX_NEW_TOKENS, eos)} for p in TASK_PROMPTS]
-    assert examples[0]["completion_ids"][-1] == eos and len(examples[0]["completion_ids"]) <= 3
-    (bundle / "task.json").write_text(json.dumps({"max_new_tokens": MAX_NEW_TOKENS, "examples": examples}))
-
-    manifest = {
-        "format": "edgeft-bundle/1", "target": "test-cpu", "runtime": "onnxruntime", "threads": 2,
-        "model": {"file": "model.onnx", "precision": "fp32", "num_layers": 2, "num_kv_heads": 2, "head_dim": 32,
-                  "vocab_size": 64, "eos_token_id": eos, "max_positions": 256},
-        "measure": {"warmup_s": 0.05, "min_s": 0.2, "min_iters": 5, "prompt_tokens": 8, "decode_tokens": 4,
-                    "first_token_runs": 3},
-        "golden": {"file": "golden.npz", "atol": 1e-3},
-        "task": {"file": "task.json"},
-        "files": {"model.onnx": "", "golden.npz": "", "task.json": ""},  # filled by rehash()
-        "quantization": {"host_only": "the runner must ignore this"},
-    }
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    rehash(bundle)
-    return bundle
+def bundle_template(tmp_path_factory) -> Path:
+    return build_bundle_template(tmp_path_factory)
 
 
 @pytest.fixture
@@ -220,12 +163,61 @@ def test_cached_greedy_equals_uncached(tiny, backend):
     uncached, ids = [], list(prompt)
     for _ in range(12):  # full sequence every step, empty cache
         logits, presents = backend.forward(np.array([ids], dtype=np.int64), backend.empty_past())
-        assert presents[0].shape == (1, 2, len(ids), 32)
+        assert backend.past_arrays(presents)[0].shape == (1, 2, len(ids), 32)
         ids.append(int(np.argmax(logits[0, -1])))
         uncached.append(ids[-1])
 
     assert cached == uncached
     assert cached == torch_greedy(model, prompt, 12, None)
+
+
+def plain_session_greedy(onnx_path, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Reference: a plain InferenceSession.run loop with numpy feeds; greedy tokens and each step's last logits."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    feed = {"input_ids": np.array([prompt], dtype=np.int64), **{n: np.zeros((1, 2, 0, 32), np.float32) for n in past_names}}
+    tokens, last_logits = [], []
+    for _ in range(steps):
+        feed["attention_mask"] = np.ones((1, feed[past_names[0]].shape[2] + feed["input_ids"].shape[1]), dtype=np.int64)
+        logits, *presents = session.run(None, feed)
+        last_logits.append(logits[0, -1].copy())
+        tokens.append(int(np.argmax(logits[0, -1])))
+        feed = {"input_ids": np.array([[tokens[-1]]], dtype=np.int64), **dict(zip(past_names, presents))}
+    return tokens, last_logits
+
+
+@pytest.mark.parametrize("public_api_only", [False, True])
+def test_decode_loop_keeps_the_cache_in_ortvalues(tiny, public_api_only):
+    """The cache goes from step to step as ONNX Runtime's OrtValues, and the tokens and logits are a plain
+    session.run loop's; the logits each step returned stay valid after later steps (callers keep them)."""
+    from edgeft_runner.backends.onnxruntime import OnnxRuntimeBackend
+
+    _, onnx_path = tiny
+    prompt = [5, 9, 13, 17, 21]
+    expected_tokens, expected_logits = plain_session_greedy(onnx_path, prompt, 16)
+    backend = OnnxRuntimeBackend(public_api_only=public_api_only)
+    backend.load(onnx_path, threads=1)
+    assert backend.ortvalue_api == ("public" if public_api_only else "pybind")
+    assert greedy_generate(backend, prompt, 16, eos_token_id=None) == expected_tokens
+
+    logits, past = backend.forward(np.array([prompt], dtype=np.int64), backend.empty_past())
+    kept = [logits[0, -1]]
+    for token in expected_tokens[:-1]:
+        logits, past = backend.forward(np.array([[token]], dtype=np.int64), past)
+        kept.append(logits[0, -1])
+    assert len(past) == 4 and not isinstance(past[0], np.ndarray)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(kept, expected_logits)) <= 1e-5
+    arrays = backend.past_arrays(past)
+    assert arrays[0].shape == (1, 2, len(prompt) + 15, 32) and arrays[0].dtype == np.float32
+
+    # numpy arrays as the past (what a caller may hold) give the same step
+    step, _ = backend.forward(np.array([[expected_tokens[-1]]], dtype=np.int64), arrays)
+    again, _ = backend.forward(np.array([[expected_tokens[-1]]], dtype=np.int64), past)
+    assert np.array_equal(step, again)
+    with pytest.raises(RunnerError, match="past has 3 tensors, the model takes 4"):
+        backend.forward(np.array([[3]], dtype=np.int64), past[:3])
 
 
 def test_accuracy_counts_exact_matches(bundle, backend):

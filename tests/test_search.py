@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from edgeft.config import PROJECT_ROOT
+from edgeft.config import load_profile
 
 CANDIDATES = {
     "fp32": [{"export": {}}],
@@ -17,7 +19,7 @@ CANDIDATES = {
 
 
 def _profile(tmp_path, name, budgets):
-    base = yaml.safe_load((PROJECT_ROOT / "profiles" / "arm-int8.yaml").read_text())  # same prefix: cached stages
+    base = yaml.safe_load(load_profile("arm-int8").source.read_text())  # same prefix: cached stages
     base.update(budgets=budgets, search={"candidates": CANDIDATES})
     base["measure"].update(min_s=0.2, min_iters=10)
     path = tmp_path / f"{name}.yaml"
@@ -25,9 +27,9 @@ def _profile(tmp_path, name, budgets):
     return path
 
 
-def _search(run_edgeft, tmp_path, name, budgets):
+def _search(run_edgeft, tmp_path, name, budgets, *extra):
     out = tmp_path / name
-    result = run_edgeft("build", "-t", "rpi5", "-p", _profile(tmp_path, name, budgets), "--search", "--out", out, "--json")
+    result = run_edgeft("build", "-t", "rpi5", "-p", _profile(tmp_path, name, budgets), "--search", "--out", out, "--json", *extra)
     return result, (json.loads(result.stdout) if result.stdout.strip() else None), out
 
 
@@ -43,6 +45,13 @@ def test_search_picks_known_answer_and_caches_measurements(demo_build, run_edgef
     page = (tmp_path / "loose.search.html").read_text()
     assert f"Chosen: <b>{loose['chosen']}</b>" in page and page.count('<tr class="candidate">') == len(CANDIDATES)
     assert '<section id="summary">' in (out / "report.html").read_text()  # the chosen bundle has its report page
+    if shutil.which("chromium"):  # the search page, drawn by a real browser: the table and the trade-off plot
+        from test_report_html import _chromium
+
+        dom = _chromium(tmp_path / "profile", "--dump-dom", (tmp_path / "loose.search.html").as_uri())
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        assert '<section id="search">' in dom.stdout and dom.stdout.count("<svg") == 1
+        assert dom.stdout.count('<tr class="candidate">') == len(CANDIDATES)
     assert rows["int4"]["size_bytes"] < rows["int8-dynamic"]["size_bytes"] < rows["fp32"]["size_bytes"]
     assert rows["int4"]["size_bytes"] < rows["int8-static"]["size_bytes"] < rows["fp32"]["size_bytes"]
     # Every quantized candidate stayed within its tolerance (else its stage would have failed) and accurate.
@@ -50,10 +59,15 @@ def test_search_picks_known_answer_and_caches_measurements(demo_build, run_edgef
 
     # A size budget only int4 meets: the answer is known whatever the accuracies.
     limit_mb = (rows["int4"]["size_bytes"] + min(rows["int8-dynamic"]["size_bytes"], rows["int8-static"]["size_bytes"])) / 2 / 1e6
-    result, tight, _ = _search(run_edgeft, tmp_path, "tight", {"min_accuracy": 0.5, "max_model_mb": limit_mb})
+    result, tight, _ = _search(run_edgeft, tmp_path, "tight", {"min_accuracy": 0.5, "max_model_mb": limit_mb},
+                               "--prometheus", tmp_path / "search.prom")
     assert result.returncode == 0, result.stderr[-2000:]
     assert tight["chosen"] == "int4"
     assert {r["candidate"]: r["verdict"] for r in tight["candidates"]} == {"fp32": "FAIL", "int8-dynamic": "FAIL", "int8-static": "FAIL", "int4": "PASS"}
+    # --prometheus with --search: one sample set per candidate, its gate as measured against these budgets
+    gate = {s.labels["bundle"]: s.value for f in text_string_to_metric_families((tmp_path / "search.prom").read_text())
+            for s in f.samples if s.name == "edgeft_gate_passed"}
+    assert gate == {"search:fp32": 0, "search:int8-dynamic": 0, "search:int8-static": 0, "search:int4": 1}
     # Same models, same device, same measure settings: nothing measured twice.
     assert all(r["measurement_cached"] for r in tight["candidates"])
     assert "search: rpi5 on local" in result.stderr and "chosen:" in result.stderr

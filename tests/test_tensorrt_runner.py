@@ -23,9 +23,9 @@ if str(REPO / "runner") not in sys.path:
 from edgeft_runner import BUNDLE_FORMAT, RunnerError  # noqa: E402
 from edgeft_runner.backends import create_backend, installed_runtimes  # noqa: E402
 from edgeft_runner.backends import cuda  # noqa: E402
-from edgeft_runner.backends.tensorrt import (INSTALL_HINT, engine_cache_dir, engine_cache_key,  # noqa: E402
-                                             installed_version, numpy_dtype, onnx_graph_inputs,
-                                             optimization_shapes)
+from edgeft_runner.backends.tensorrt import (INSTALL_HINT, STATIC_REFUSED, engine_cache_dir,  # noqa: E402
+                                             engine_cache_key, installed_version, network_plan, next_slot,
+                                             numpy_dtype, onnx_graph_inputs, optimization_shapes)
 
 TRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 VOCAB, KV_HEADS, HEAD_DIM, LAYERS = 16, 2, 4, 2
@@ -124,11 +124,45 @@ def test_optimization_shapes_kv_heads_from_arguments_when_symbolic():
         "past_key_values.0.key"][2] == (1, 2, 511, 4)
 
 
-def test_optimization_shapes_static():
-    shapes = optimization_shapes(contract_inputs(), {**OPTIONS, "static": True})
-    assert shapes["input_ids"] == ((1, 64),) * 3
-    assert shapes["attention_mask"] == ((1, 128),) * 3
-    assert shapes["past_key_values.0.value"] == ((1, 2, 64, 4),) * 3
+def test_static_is_refused_at_load_in_one_line(tmp_path):
+    """A static profile fixes the past at one length: the prefill's empty cache could never run. Refused
+    before any TensorRT or CUDA work (so also here, without them), and by the target's config on the host."""
+    with pytest.raises(RunnerError) as info:
+        optimization_shapes(contract_inputs(), {**OPTIONS, "static": True})
+    assert str(info.value) == STATIC_REFUSED and "\n" not in STATIC_REFUSED and "tensorrt.static" in STATIC_REFUSED
+    assert optimization_shapes(contract_inputs(), {**OPTIONS, "static": False}) == optimization_shapes(contract_inputs(), OPTIONS)
+    with pytest.raises(RunnerError, match="static: true cannot run"):
+        create_backend("tensorrt").load(kv_model(tmp_path / "model.onnx"), 1, options={**OPTIONS, "static": True})
+
+    from edgeft.config import load_target
+    from edgeft.errors import ConfigError
+
+    target = tmp_path / "orin-static.yaml"
+    target.write_text("name: orin-static\narch: aarch64\nruntime: tensorrt\ndefault_profile: jetson-fp16\n"
+                      "tensorrt:\n  max_context: 256\n  static: true\n")
+    with pytest.raises(ConfigError) as config_info:
+        load_target(str(target))
+    assert str(config_info.value).startswith(f"{target}:7: field 'tensorrt.static'")
+    assert "\n" not in str(config_info.value)
+
+
+def test_kv_cache_slots_alternate():
+    """Each step writes the slot its past is not in; from the empty cache, the one not written last."""
+    assert next_slot(None, 1) == 0 and next_slot(0, 0) == 1 and next_slot(1, 1) == 0
+    assert next_slot(None, 0) == 1 and next_slot(0, 1) == 1
+
+
+@pytest.mark.parametrize("precision, version, has_flag, expected", [
+    ("int8", "10.3.0", True, (True, ())),  # explicit Q/DQ: the model's types rule, no deprecated flags
+    ("fp16", "10.7.0", True, (True, ())),
+    ("fp32", "10.3.0", True, (False, ())),
+    ("int8", "8.6.2", False, (False, ("INT8", "FP16"))),  # JetPack 5 / 6.0
+    ("fp16", "8.6.2", False, (False, ("FP16",))),
+    ("fp16", "11.0.0", True, (True, ())),  # every network is strongly typed in 11
+    ("int8", "10.0.1", False, (False, ("INT8", "FP16"))),
+])
+def test_network_plan(precision, version, has_flag, expected):
+    assert network_plan(precision, version, has_flag) == expected
 
 
 def test_optimization_shapes_graph_fixed_dims_and_other_inputs():
@@ -173,6 +207,9 @@ def test_engine_cache_key_changes_with_every_component():
     }
     keys = {name: engine_cache_key(**{**base, name: value}) for name, value in variants.items()}
     assert key not in keys.values() and len(set(keys.values())) == len(variants)
+    # Strongly typed engines get their own key; weakly typed ones keep the key they had before the field.
+    assert engine_cache_key(**base, strongly_typed=True) not in {key, *keys.values()}
+    assert key == "4f1d7ee48ebc2ac5ddab91a5046e6eb3e105676119ec01e1bba970bc33fa9b10"
 
 
 def test_engine_cache_dir_precedence(monkeypatch, tmp_path):
@@ -212,6 +249,33 @@ def test_cuda_wrapper_without_libcudart():
         cuda.CudaRuntime(candidates=("libcudart-missing.so.99", "/nonexistent/lib64/libcudart.so"))
     assert str(info.value) == ("CUDA runtime (libcudart) not found on this device: "
                                "install JetPack / the CUDA toolkit")
+
+
+def test_libcudart_lookup_finds_versioned_files(tmp_path):
+    """Runtime-only JetPack images have libcudart.so.12 (.so.11.0 on JetPack 5) and no unversioned name:
+    after the loader's own search, CUDA's directories are searched, unversioned first, newest first."""
+    lib12 = tmp_path / "cuda-12.2" / "targets" / "aarch64-linux" / "lib"
+    lib11 = tmp_path / "cuda-11.4" / "lib64"
+    for directory, names in ((lib12, ["libcudart.so.12", "libcudart.so.12.2.140", "libcudart_static.a",
+                                      "libcudart.so.12.2.140.bak"]),
+                             (lib11, ["libcudart.so.11.0", "libcudart.so"])):
+        directory.mkdir(parents=True)
+        for name in names:
+            (directory / name).write_text("not a library")
+    dirs = (str(tmp_path / "cuda-*" / "lib64"), str(tmp_path / "cuda-*" / "targets" / "*" / "lib"))
+    candidates = cuda.libcudart_candidates(dirs)
+    assert candidates == [*cuda.LIBCUDART_SONAMES, str(lib11 / "libcudart.so"), str(lib11 / "libcudart.so.11.0"),
+                          str(lib12 / "libcudart.so.12"), str(lib12 / "libcudart.so.12.2.140")]
+    assert candidates[:5] == ["libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so.11"]
+
+    # Files that do not load are skipped: a real shared library under a versioned name is taken.
+    libm = next(Path(d) / "libm.so.6" for d in ("/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib64", "/lib64")
+                if (Path(d) / "libm.so.6").is_file())
+    (lib12 / "libcudart.so.12").write_bytes(libm.read_bytes())
+    files_only = cuda.libcudart_candidates(dirs)[len(cuda.LIBCUDART_SONAMES):]
+    assert cuda.load_libcudart(files_only)._name == str(lib12 / "libcudart.so.12")
+    with pytest.raises(RunnerError, match="CUDA runtime \\(libcudart\\) not found"):
+        cuda.load_libcudart([str(lib11 / "libcudart.so"), str(lib11 / "libcudart.so.11.0")])
 
 
 def test_cuda_wrapper_reports_cuda_errors_in_one_line():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from filelock import FileLock
+
 from ..artifact import atomic_dir, cache_root, digest_of, sha256_file
 from . import generate
 
@@ -42,12 +44,16 @@ def is_built() -> bool:
 
 
 def demo_base_dir(progress=None) -> Path:
-    """Path of the demo base model, building it first if this machine has not yet."""
+    """Path of the demo base model, building it first if this machine has not yet. Two builds that both
+    need it: one pretrains it, the other waits for it (a file lock; the OS drops it if its holder dies)."""
     final = _final()
     if is_built():
         return final
-    with atomic_dir(final) as tmp:
-        build(tmp, progress)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if not is_built():
+            with atomic_dir(final) as tmp:
+                build(tmp, progress)
     return final
 
 

@@ -1,7 +1,8 @@
 """Talking to a device: one Transport interface, two implementations.
 
 `LocalTransport` (edgeft.device.local) treats this machine as the device; `SshTransport`
-(edgeft.device.ssh) reaches a lab device over SSH/SFTP with paramiko. Everything above this
+(edgeft.device.ssh) reaches a lab device over SSH/SFTP with paramiko (or over the exec channel alone
+when the device's sshd has no SFTP). Everything above this
 module (push a bundle, run the runner, fetch its report) goes through the same calls for both:
 
     transport, device = open_transport("rpi5-lab-1", lab_path, trust_new_host_key=False)
@@ -17,8 +18,12 @@ is a one-line DeviceError naming the device and what to do.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,9 +46,14 @@ __all__ = [
     "push_verified",
     "verify_remote",
     "local_tree",
+    "receive_into",
+    "Sent",
 ]
 
 LOCAL_DEVICE = "local"
+FEED_BLOCK = 1 << 20  # bytes read from a local file per send when streaming it into a device command
+
+Sent = Callable[[int], None]  # progress(bytes sent so far) of one streamed file range
 
 
 @dataclass(frozen=True)
@@ -64,9 +74,42 @@ class Transport:
 
     name: str  # the device's name, for messages
     python: str  # the interpreter to run on the device
+    workdir: Any  # absolute path of the workdir on the device (str or Path), known after connect()
 
     def connect(self) -> None:  # idempotent
         raise NotImplementedError
+
+    def reconnect(self) -> None:
+        """Drop the link and open a new one (after a ConnectionLost); the device keeps its files."""
+        self.close()
+        self.connect()
+
+    @property
+    def has_sftp(self) -> bool:
+        """Whether write_range goes over SFTP (else files travel through run_with_input's stdin)."""
+        return False
+
+    def run_with_input(
+        self, argv: list[str], local: Path, offset: int = 0, length: int | None = None, *,
+        timeout: float | None = None, progress: Sent | None = None, ready: bool = False,
+    ) -> RunResult:
+        """run(argv) with bytes [offset, offset+length) of the local file `local` as the command's stdin,
+        then EOF (length None: to the end of the file). progress(n) after each block: n bytes sent so far.
+
+        ready=True: nothing is sent until the command prints a line `ready START` on stdout (so no bytes
+        pile up in buffers while it starts, where a dropped connection would lose them); the input then
+        runs from START (the command's choice, e.g. where its partial file ends) to the same end. A
+        command that exits without that line gets no input. `timeout` counts from the end of the input;
+        if the command exits before reading it all, the rest is dropped and its RunResult says why."""
+        raise NotImplementedError
+
+    def write_range(self, remote_path: str, local: Path, offset: int, length: int, *, progress: Sent | None = None) -> None:
+        """Write bytes [offset, offset+length) of `local` into the device file `remote_path` (absolute: an
+        install root may lie outside the workdir) at the same offset, dropping whatever followed `offset`
+        there; offset 0 creates the file. A short write is not an error: the caller checks the size."""
+        answer = receive_into(self, local, remote_path, offset=offset, end=offset + length, progress=progress)
+        if answer["result"] not in ("ok", "short"):
+            raise DeviceError(f"device '{self.name}': cannot write {remote_path}: {answer.get('detail') or answer['result']}")
 
     def put_file(self, local: Path, remote: str) -> None:
         raise NotImplementedError
@@ -204,6 +247,154 @@ def verify_remote(transport: Transport, local: Path, remote: str) -> None:
                 f"device '{transport.name}': pushed file {remote_path} does not match {local_path} "
                 "(sha256 differs); the copy was corrupted or changed on the device; push again"
             )
+
+
+# Runs on the device (stdlib only, Python 3.6+). argv: PATH OFFSET END CHUNK SHA256 MODE DEST (the last
+# three may be ''). Keeps PATH's first START bytes, START = OFFSET, or with OFFSET -1 the size PATH already
+# has rounded down to CHUNK (resume; the tail of a file cut by a power loss is not trusted); prints
+# `ready START`, appends bytes START..END from stdin and fsyncs, so a cut connection leaves a partial that
+# a later call resumes. With SHA256: the whole file must hash to it, else PATH is deleted ('mismatch').
+# Then chmod MODE (octal) and rename onto DEST (atomic; its dir fsynced). One receiver per directory at a
+# time (flock), so a receiver orphaned by a cut connection finishes before the next one truncates. Last
+# line, JSON: result ok | short (fewer bytes arrived, or PATH is shorter than OFFSET) | mismatch | error
+# (an OSError: errno name + detail), with `from` (START) and `size` (bytes in PATH at the end).
+_RECEIVE_SCRIPT = r"""
+import errno, fcntl, hashlib, json, os, sys
+path, want, mode, dest = sys.argv[1], sys.argv[5], sys.argv[6], sys.argv[7]
+offset, end, chunk = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+start, got = max(offset, 0), 0
+def answer(result, **extra):
+    extra.update(result=result, size=start + got)
+    extra['from'] = start
+    try:
+        sys.stdout.write(json.dumps(extra) + '\n')
+        sys.stdout.flush()
+    except Exception:
+        pass
+    sys.exit(0 if result == 'ok' else 3)
+try:
+    lock = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if offset <= 0 else 0), 0o600)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        start = 0
+        answer('short')
+    with os.fdopen(fd, 'r+b') as f:
+        size = os.fstat(fd).st_size
+        if offset < 0:
+            start = min(size, end) // chunk * chunk if chunk > 0 else min(size, end)
+        elif size < offset:
+            start = size
+            answer('short')
+        f.truncate(start)
+        h = hashlib.sha256() if want else None
+        left = start if h is not None else 0
+        while left:
+            b = f.read(min(left, 1 << 20))
+            if not b:
+                break
+            h.update(b)
+            left -= len(b)
+        f.seek(start)
+        sys.stdout.write('ready %d\n' % start)
+        sys.stdout.flush()
+        inp = sys.stdin.buffer
+        while start + got < end:
+            b = inp.read(min(1 << 20, end - start - got))
+            if not b:
+                break
+            f.write(b)
+            if h is not None:
+                h.update(b)
+            got += len(b)
+        f.flush()
+        os.fsync(fd)
+    if start + got < end:
+        answer('short')
+    if h is not None and h.hexdigest() != want:
+        os.unlink(path)
+        answer('mismatch', sha256=h.hexdigest())
+    if mode:
+        os.chmod(path, int(mode, 8))
+    if dest:
+        os.replace(path, dest)
+        d = os.open(os.path.dirname(dest) or '.', os.O_RDONLY)
+        os.fsync(d)
+        os.close(d)
+    answer('ok')
+except OSError as e:
+    answer('error', errno=errno.errorcode.get(e.errno, str(e.errno)), detail=e.strerror or str(e))
+"""
+
+
+def receive_into(
+    transport: Transport, local: Path, remote_path: str, *, offset: int | None, end: int, chunk: int = 0,
+    sha256: str | None = None, mode: int | None = None, rename_to: str | None = None,
+    progress: Sent | None = None, timeout: float | None = None,
+) -> dict[str, Any]:
+    """Stream bytes [start, end) of `local` into the device file `remote_path` (absolute) at that offset
+    through a command's stdin (no SFTP needed), fsynced there; optionally verify the whole file's sha256,
+    chmod it and rename it onto `rename_to`. start = `offset`, or with offset None the size the device
+    file already has, rounded down to `chunk` (resume). The device says where it starts before any byte
+    is sent. Returns its answer: {"result": "ok" | "short" | "mismatch" | "error", "from": start, "size":
+    bytes in the file at the end, ["errno", "detail"]} (see _RECEIVE_SCRIPT)."""
+    argv = [
+        transport.python, "-c", _RECEIVE_SCRIPT, remote_path, str(-1 if offset is None else offset), str(end),
+        str(chunk), sha256 or "", f"{mode:o}" if mode is not None else "", rename_to or "",
+    ]
+    result = transport.run_with_input(
+        argv, local, offset or 0, end - (offset or 0), timeout=timeout, progress=progress, ready=True
+    )
+    lines = result.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1])
+        assert isinstance(answer, dict) and "result" in answer
+    except (IndexError, ValueError, AssertionError):
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DeviceError(
+            f"device '{transport.name}': could not write {remote_path} with {transport.python!r} "
+            f"(exit {result.returncode}: {detail}); check that this interpreter works there ('python' in the lab file)"
+        ) from None
+    return answer
+
+
+class OutputCollector:
+    """What a reader thread collects from a command's stdout or stderr, with a wait for a `ready N` line."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def add(self, data: bytes) -> None:
+        with self._cond:
+            self._chunks.append(data)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def value(self) -> bytes:
+        with self._cond:
+            return b"".join(self._chunks)
+
+    def wait_ready(self, timeout: float | None) -> int | None:
+        """START from the first `ready START` line; None if the output ended (or timed out) without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in b"".join(self._chunks).split(b"\n")[:-1]:  # complete lines only
+                    if line.startswith(b"ready "):
+                        return int(line.split()[1])
+                left = None if deadline is None else deadline - time.monotonic()
+                if self._closed or (left is not None and left <= 0):
+                    return None
+                self._cond.wait(left)
 
 
 def push_verified(transport: Transport, local: Path, remote: str) -> None:

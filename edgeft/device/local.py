@@ -11,10 +11,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import IO
 
 from ..errors import DeviceError
-from . import RunResult, Transport, local_tree, remote_relpath
+from . import FEED_BLOCK, OutputCollector, RunResult, Sent, Transport, local_tree, remote_relpath
 
 
 class LocalTransport(Transport):
@@ -40,7 +42,7 @@ class LocalTransport(Transport):
             raise DeviceError(
                 f"device '{self.name}': cannot create workdir {self._given_workdir or tempfile.gettempdir()}: "
                 f"{exc.strerror or exc}; pick a writable directory"
-            ) from None
+            ) from exc
 
     def close(self) -> None:
         if self.workdir is not None and self._made_workdir:
@@ -78,7 +80,7 @@ class LocalTransport(Transport):
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._copy(Path(local), dest)
         except OSError as exc:
-            raise self._fail(f"put {local} to {remote}", exc) from None
+            raise self._fail(f"put {local} to {remote}", exc) from exc
 
     def put_dir(self, local: Path, remote: str) -> None:
         local = Path(local)
@@ -93,7 +95,7 @@ class LocalTransport(Transport):
             for rel, path in files:
                 self._copy(path, dest / rel)
         except OSError as exc:
-            raise self._fail(f"put {local} to {remote}", exc) from None
+            raise self._fail(f"put {local} to {remote}", exc) from exc
 
     def get_file(self, remote: str, local: Path) -> None:
         src = self._path(remote)
@@ -104,7 +106,7 @@ class LocalTransport(Transport):
             local.parent.mkdir(parents=True, exist_ok=True)
             self._copy(src, local)
         except OSError as exc:
-            raise self._fail(f"fetch {remote} to {local}", exc) from None
+            raise self._fail(f"fetch {remote} to {local}", exc) from exc
 
     def remove(self, remote: str) -> None:
         path = self._path(remote)
@@ -114,7 +116,7 @@ class LocalTransport(Transport):
             else:
                 path.unlink(missing_ok=True)
         except OSError as exc:
-            raise self._fail(f"remove {remote}", exc) from None
+            raise self._fail(f"remove {remote}", exc) from exc
 
     # ------------------------------------------------------------------------------------ run
     def run(self, argv: list[str], timeout: float | None = None) -> RunResult:
@@ -141,12 +143,93 @@ class LocalTransport(Transport):
             raise DeviceError(
                 f"device '{self.name}': {Path(argv[0]).name} did not finish within {timeout:g} s and was killed; "
                 "raise the timeout or make the run shorter"
-            ) from None
+            )
         except BaseException:
             _killpg(proc)
             proc.wait()
             raise
         return RunResult(proc.returncode, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace"))
+
+    def run_with_input(
+        self, argv: list[str], local: Path, offset: int = 0, length: int | None = None, *,
+        timeout: float | None = None, progress: Sent | None = None, ready: bool = False,
+    ) -> RunResult:
+        if not argv:
+            raise ValueError("run_with_input() needs a non-empty argv")
+        cwd = self._path(".", allow_root=True)
+        argv = [str(a) for a in argv]
+        try:
+            src = open(local, "rb")
+        except OSError as exc:
+            raise DeviceError(f"device '{self.name}': cannot read {local}: {exc.strerror or exc}") from None
+        with src:
+            try:
+                proc = subprocess.Popen(
+                    argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except FileNotFoundError:
+                return RunResult(127, "", f"{argv[0]}: not found\n")
+            except PermissionError:
+                return RunResult(126, "", f"{argv[0]}: permission denied\n")
+            assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+            out, err = OutputCollector(), OutputCollector()
+            # Drain both pipes while feeding stdin: a full pipe would block the command and so the feed.
+            readers = [
+                threading.Thread(target=_collect, args=(proc.stdout, out), daemon=True),
+                threading.Thread(target=_collect, args=(proc.stderr, err), daemon=True),
+            ]
+            for t in readers:
+                t.start()
+            try:
+                end = None if length is None else offset + length
+                start = out.wait_ready(None) if ready else offset
+                if start is not None:
+                    src.seek(start)
+                    sent = 0
+                    while end is None or start + sent < end:
+                        block = src.read(FEED_BLOCK if end is None else min(FEED_BLOCK, end - start - sent))
+                        if not block:
+                            break
+                        try:
+                            proc.stdin.write(block)
+                        except BrokenPipeError:
+                            break  # the command stopped reading; its output says why
+                        sent += len(block)
+                        if progress is not None:
+                            progress(sent)
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _killpg(proc)
+                proc.wait()
+                raise DeviceError(
+                    f"device '{self.name}': {Path(argv[0]).name} did not finish within {timeout:g} s and was killed; "
+                    "raise the timeout or make the run shorter"
+                ) from None
+            except BaseException:
+                _killpg(proc)
+                proc.wait()
+                raise
+            finally:
+                for t in readers:
+                    t.join()
+        return RunResult(proc.returncode, out.value().decode("utf-8", "replace"), err.value().decode("utf-8", "replace"))
+
+    def reconnect(self) -> None:
+        """Nothing to reconnect: the device is this machine (and close() would delete a temp workdir)."""
+        self.connect()
+
+
+def _collect(pipe: IO[bytes], sink: OutputCollector) -> None:
+    try:
+        for data in iter(lambda: pipe.read1(65536), b""):  # type: ignore[attr-defined]
+            sink.add(data)
+    finally:
+        sink.close()
 
 
 def _killpg(proc: subprocess.Popen) -> None:

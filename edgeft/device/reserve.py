@@ -222,7 +222,7 @@ def read_health(lab: Lab) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable lab state ({exc}); delete it and run `edgeft lab check`") from None
+        raise ConfigError(f"{path}: unreadable lab state ({exc}); delete it and run `edgeft lab check`") from exc
     return data.get("devices", {}) if isinstance(data, dict) else {}
 
 
@@ -281,7 +281,7 @@ def labgrid(coordinator: str, place: str, *args: str) -> subprocess.CompletedPro
                               text=True, timeout=LABGRID_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise DeviceError(f"labgrid coordinator {coordinator} did not answer within {LABGRID_TIMEOUT_S:g} s "
-                          f"(place {place}); check that it runs") from None
+                          f"(place {place}); check that it runs")
 
 
 def labgrid_holder(coordinator: str, place: str) -> str | None:

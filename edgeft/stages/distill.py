@@ -47,7 +47,7 @@ def _load(path, what: str):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot load the {what} as a causal LM: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{path}: cannot load the {what} as a causal LM: {str(exc).splitlines()[0]}") from exc
 
 
 def _teacher_path(model: Artifact, config: DistillConfig, ctx: BuildContext):
@@ -81,7 +81,7 @@ def _fresh_student(teacher, overrides: dict[str, Any]):
         student_config = teacher.config.__class__.from_dict(settings)
         student = AutoModelForCausalLM.from_config(student_config)
     except (ValueError, TypeError) as exc:
-        raise ModelError(f"distill.student: {overrides} is not a valid model config: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"distill.student: {overrides} is not a valid model config: {str(exc).splitlines()[0]}") from exc
     student.generation_config = teacher.generation_config
     return student
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import encode
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, QualityCheckFailed
 from .. import lm
 
 
@@ -107,7 +107,10 @@ def _validate_tflite(path, torch_model, tokenizer, examples, atol: float, thread
         got = lm.completion_logits(backend, prompt_ids, completion_ids)
         worst = max(worst, float(np.abs(got - reference[len(prompt_ids) - 1: -1]).max()))
     if not worst <= atol:
-        raise ModelError(f"TFLite export differs from PyTorch by {worst:.3g} (tolerance {atol:g}); the converter mis-traced this model")
+        raise QualityCheckFailed(f"export check max_abs_diff failed: the TFLite model's logits differ from PyTorch's by {worst:.3g}, "
+                                 f"above export.atol {atol:g}; the converter mis-traced this model: try another export.cache_tokens, "
+                                 "or raise export.atol if the task accuracy still holds",
+                                 check="export.max_abs_diff", value=worst, limit=atol, setting="export.atol")
     return worst
 
 
@@ -140,7 +143,7 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
     except (ModelError, ConfigError):
         raise
     except Exception as exc:  # the exporters raise many types; the user needs the first line and the model
-        raise ModelError(f"{model.path}: {config.format} export failed: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise ModelError(f"{model.path}: {config.format} export failed: {str(exc).strip().splitlines()[0][:300]}") from exc
     finally:
         if ctx.progress:
             ctx.progress.remove_task(task)
@@ -156,7 +159,10 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
             reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
         max_abs_diff = max(float(np.abs(o - r).max()) for o, r in zip(lm.teacher_forced_logits(backend, rows), reference))
         if not max_abs_diff <= config.atol:
-            raise ModelError(f"ONNX export differs from PyTorch by {max_abs_diff:.3g} (tolerance {config.atol:g}); the exporter mis-traced this model")
+            raise QualityCheckFailed(f"export check max_abs_diff failed: the ONNX model's logits differ from PyTorch's by {max_abs_diff:.3g}, "
+                                     f"above export.atol {config.atol:g}; the exporter mis-traced this model: try another export.opset, "
+                                     "or raise export.atol if the task accuracy still holds",
+                                     check="export.max_abs_diff", value=max_abs_diff, limit=config.atol, setting="export.atol")
         info = {"format": "onnx", "opset": config.opset}
     # The exported fp32 model through the runner's backend: the profile's eval metrics (edgeft.lm.stage_eval)
     backend = lm.load(target_file, threads=ctx.threads, options={"pad_token_id": tokenizer.pad_token_id})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import DataConfig, training_rows
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from ..evaluate import stage_eval
 
 
@@ -53,16 +54,30 @@ class FinetuneConfig(BaseModel):
     # where bitsandbytes' 4-bit layers under bf16 autocast measured ~8x slower per step than fp32.
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # Tokens per training example. Left unset, it is capped at the model's positions (with a note);
+    # set explicitly beyond them, the build is refused before it starts.
+    max_length: int = Field(256, ge=8)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (e.g. a smoke run of a big model)
+    seed: int = 0
+
     def resolved_dtype(self) -> str:
         import torch
 
         if self.compute_dtype != "auto":
             return self.compute_dtype
         return "bfloat16" if torch.cuda.is_available() else "float32"
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    max_length: int = Field(256, ge=8)
-    seed: int = 0
+
+    def resolved(self) -> dict[str, str]:
+        """What `auto` resolved to on this machine (part of the stage's cache key)."""
+        return {"compute_dtype": self.resolved_dtype()}
+
+    def effective_max_length(self, max_positions: int | None) -> int:
+        """max_length, the default capped at the model's positions; an explicit value is taken as given."""
+        if max_positions is not None and "max_length" not in self.model_fields_set:
+            return min(self.max_length, max_positions)
+        return self.max_length
 
 
 def load_base(path, config: FinetuneConfig):
@@ -85,7 +100,7 @@ def load_base(path, config: FinetuneConfig):
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.base_dtype))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot load as a causal LM: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{path}: cannot load as a causal LM: {str(exc).splitlines()[0]}") from exc
     _avoid_bnb_cpu_repack(model)
     return model
 
@@ -104,7 +119,7 @@ def load_tokenizer(path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0]}); the model dir must hold tokenizer files") from None
+        raise ModelError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0]}); the model dir must hold tokenizer files") from exc
     if tokenizer.eos_token_id is None:
         raise ModelError(f"{path}: the tokenizer has no EOS token; set eos_token in tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -235,12 +250,13 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     set_seed(config.seed)
     tokenizer = load_tokenizer(model.path)
 
-    max_positions = _max_positions(model.path)
-    if max_positions is not None and config.max_length > max_positions:
-        raise ModelError(f"finetune.max_length {config.max_length} exceeds the model's maximum sequence length "
-                         f"{max_positions} ({model.path}/config.json); lower max_length")
-    train, truncated = _features(tokenizer, ctx.splits.train, config.max_length, ctx.splits.config)
-    val, _ = _features(tokenizer, ctx.splits.val, config.max_length, ctx.splits.config)
+    max_positions = max_positions_of(model.path)
+    check_max_length(config, max_positions, model.path)
+    max_length = config.effective_max_length(max_positions)
+    if max_length < config.max_length:
+        ctx.log(f"finetune: max_length {max_length}, the model's positions (the default {config.max_length} is capped; set finetune.max_length to choose)")
+    train, truncated = _features(tokenizer, ctx.splits.train, max_length, ctx.splits.config)
+    val, _ = _features(tokenizer, ctx.splits.val, max_length, ctx.splits.config)
     if truncated:
         ctx.log(f"finetune: {truncated} of {len(train)} training examples truncated to max_length")
 
@@ -274,6 +290,8 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps = math.ceil(len(train) / (config.batch_size * world * config.gradient_accumulation_steps) * config.epochs)
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
     evaluate_each = {"eval_strategy": "steps", "eval_steps": config.eval_steps} if config.eval_steps else {"eval_strategy": "epoch"}
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -283,6 +301,7 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,  # -1: epochs decide
         learning_rate=config.lr,
         lr_scheduler_type=config.scheduler,
         warmup_steps=int(steps * config.warmup_ratio),
@@ -318,9 +337,9 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise ModelError(
-                f"out of memory while fine-tuning (batch_size {config.batch_size}, max_length {config.max_length}): "
+                f"out of memory while fine-tuning (batch_size {config.batch_size}, max_length {max_length}): "
                 "lower batch_size (raise gradient_accumulation_steps to keep the effective batch), set "
-                "gradient_checkpointing: true, or lower max_length") from None
+                "gradient_checkpointing: true, or lower max_length") from exc
         raise
     if not trainer.is_world_process_zero():
         return None  # other processes of a multi-process run: rank 0 writes the artifact
@@ -368,9 +387,17 @@ def _sort_target_modules(config_path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _max_positions(model_dir) -> int | None:
+def max_positions_of(model_dir) -> int | None:
+    """The model's maximum sequence length from its config.json (None when it does not say)."""
     try:
-        config = json.loads((model_dir / "config.json").read_text())
+        config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
     return config.get("max_position_embeddings") or config.get("n_positions")
+
+
+def check_max_length(config: FinetuneConfig, max_positions: int | None, model_dir, where: str = "finetune") -> None:
+    """An explicit max_length beyond the model's positions is a mistake (the default is capped instead)."""
+    if max_positions is not None and "max_length" in config.model_fields_set and config.max_length > max_positions:
+        raise ConfigError(f"{where}: finetune.max_length {config.max_length} exceeds the model's {max_positions} positions "
+                          f"({Path(model_dir) / 'config.json'}); lower max_length or leave it unset (capped at the model's positions)")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..artifact import Artifact, hash_dir
 from ..context import BuildContext
 from ..data import encode
-from ..errors import ModelError
+from ..errors import ModelError, QualityCheckFailed
 from ..evaluate import stage_eval
 from .finetune import load_tokenizer
 
@@ -46,7 +46,7 @@ def run(model: Artifact, config: MergeConfig, ctx: BuildContext) -> Artifact:
     try:
         with_adapter = PeftModel.from_pretrained(base, model.path / "adapter")
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{model.path / 'adapter'}: cannot load the adapter onto the base: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{model.path / 'adapter'}: cannot load the adapter onto the base: {str(exc).splitlines()[0]}") from exc
     with_adapter.eval()
 
     rows = [sum(encode(tokenizer, e), []) for e in ctx.splits.test[: config.validation_examples]]
@@ -56,10 +56,10 @@ def run(model: Artifact, config: MergeConfig, ctx: BuildContext) -> Artifact:
         merged.eval()
         max_abs_diff = max(float((merged(input_ids=torch.tensor([r])).logits - ref).abs().max()) for r, ref in zip(rows, reference))
     if not max_abs_diff <= config.atol:
-        raise ModelError(
-            f"merged model differs from base+adapter by {max_abs_diff:.3g} (tolerance {config.atol:g}); "
-            f"the adapter at {model.path / 'adapter'} may be corrupt: re-run finetune with --force"
-        )
+        raise QualityCheckFailed(
+            f"merge check max_abs_diff failed: the merged model differs from base+adapter by {max_abs_diff:.3g}, above "
+            f"merge.atol {config.atol:g}; the adapter at {model.path / 'adapter'} may be corrupt: re-run finetune with --force",
+            check="merge.max_abs_diff", value=max_abs_diff, limit=config.atol, setting="merge.atol")
     evaluation = stage_eval(merged, tokenizer, ctx, label="evaluate merged")
     merged.save_pretrained(ctx.out)
     tokenizer.save_pretrained(ctx.out)

@@ -117,7 +117,7 @@ def pruned_config(old, mlp_ratio: float, head_ratio: float, layers: list[int]):
         raise ModelError(
             f"prune: keeping {config.num_attention_heads} of {n_heads} heads gives an invalid {config.model_type!r} config "
             f"({str(exc.__cause__ or exc).strip().splitlines()[0]}); use a head_ratio of {', '.join(map(str, valid))}"
-        ) from None
+        ) from exc
     return config, kept_layers, mlp_remove, kv_remove
 
 
@@ -173,7 +173,7 @@ def prune_model(model, mlp_ratio: float, head_ratio: float, layers: list[int], w
     try:
         pruned.load_state_dict(new_state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"pruned weights don't fit a {config.model_type!r} model: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"pruned weights don't fit a {config.model_type!r} model: {str(exc).splitlines()[0]}") from exc
     pruned.generation_config = model.generation_config
     removed = {"mlp_channels_per_layer": mlp_remove, "heads_per_layer": kv_remove * group, "kv_heads_per_layer": kv_remove, "layers": sorted(set(layers))}
     return pruned.eval(), removed
@@ -189,7 +189,7 @@ def run(model: Artifact, config: PruneConfig, ctx: BuildContext) -> Artifact:
     try:
         source = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{model.path}: cannot load as a causal LM: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"{model.path}: cannot load as a causal LM: {str(exc).splitlines()[0]}") from exc
     _check_supported(source, model.path)
     pruned_config(source.config, config.mlp_ratio, config.head_ratio, config.layers)  # fail before any scoring
     source.eval()

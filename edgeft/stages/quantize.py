@@ -22,7 +22,7 @@ from .. import lm
 from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import encode
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, QualityCheckFailed
 
 # Share of completion positions whose argmax must match the fp32 model, per precision.
 DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "int8-dynamic": 0.95, "int8-weight": 0.95, "int8-static": 0.9,
@@ -56,10 +56,26 @@ def calibration_feeds(model_path, rows: list[list[int]]) -> list[dict]:
     for row in rows:
         prefill = np.asarray([row[:-1]], dtype=np.int64)
         empty = backend.empty_past()
-        feeds.append({"input_ids": prefill, "attention_mask": np.ones_like(prefill), **dict(zip(backend.past_names, empty))})
+        feeds.append({"input_ids": prefill, "attention_mask": np.ones_like(prefill), **dict(zip(backend.past_names, backend.past_arrays(empty)))})
         _, past = backend.forward(prefill, empty)
-        feeds.append({"input_ids": np.asarray([row[-1:]], dtype=np.int64), "attention_mask": np.ones((1, len(row)), dtype=np.int64), **dict(zip(backend.past_names, past))})
+        feeds.append({"input_ids": np.asarray([row[-1:]], dtype=np.int64), "attention_mask": np.ones((1, len(row)), dtype=np.int64), **dict(zip(backend.past_names, backend.past_arrays(past)))})
     return feeds
+
+
+def _import_without_root_logging():
+    """ONNX Runtime's int4 quantizer module calls logging.basicConfig(level=INFO) on import, which would
+    print every INFO line of every library from then on (hundreds per quantization): undo that."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.setLevel(level)
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    return MatMulNBitsQuantizer
 
 
 def quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[int]] | None = None) -> None:
@@ -95,8 +111,8 @@ def quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[i
         )
     else:
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        MatMulNBitsQuantizer = _import_without_root_logging()
         quantizer = MatMulNBitsQuantizer(
             onnx.load(str(source)), bits=4, block_size=config.block_size, is_symmetric=True, accuracy_level=config.accuracy_level
         )
@@ -126,7 +142,7 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
     except ConfigError:
         raise
     except Exception as exc:  # quantizers raise assorted types; name the mode and the first line
-        raise ModelError(f"quantize ({config.mode}) failed on {model.path / name}: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise ModelError(f"quantize ({config.mode}) failed on {model.path / name}: {str(exc).strip().splitlines()[0][:300]}") from exc
     shutil.copytree(model.path / "tokenizer", ctx.out / "tokenizer")
 
     options = {"pad_token_id": tokenizer.pad_token_id}
@@ -144,10 +160,12 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
     agreement = agree / total
     needed = config.min_top1_agreement if config.min_top1_agreement is not None else DEFAULT_TOP1_AGREEMENT[config.mode]
     if agreement < needed:
-        raise ModelError(
-            f"{config.mode} model picks the fp32 model's next token at only {agreement:.1%} of completion positions "
-            f"(tolerance {needed:.0%}); try per_channel: true, a smaller block_size, or a wider precision"
-        )
+        setting = "quantize.per_channel: true, a smaller quantize.block_size, " if config.mode == "int4-weight" else "quantize.per_channel: true, "
+        raise QualityCheckFailed(
+            f"quantize check top1_agreement failed: the {config.mode} model picks the fp32 model's next token at {agreement:.1%} "
+            f"of completion positions, below quantize.min_top1_agreement {needed:.0%}; try {setting}a wider precision, "
+            "or lower min_top1_agreement if the task accuracy still meets the budget",
+            check="quantize.top1_agreement", value=round(agreement, 4), limit=needed, setting="quantize.min_top1_agreement")
     evaluation = lm.stage_eval(quantized, tokenizer, ctx, max_positions=model.info.get("max_positions"))
     return Artifact(
         path=ctx.out,

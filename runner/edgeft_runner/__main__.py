@@ -1,4 +1,5 @@
-"""edgeft-runner CLI: `run`, `verify` and `info`. Exit 0 ok, 2 on any failure the user can fix."""
+"""edgeft-runner CLI: `run`, `verify`, `info`, and the install commands (edgeft_runner.install).
+Exit 0 ok, 2 on any failure the user can fix (install: 1 when the new bundle failed on this device)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 from . import REPORT_FORMAT, RunnerError, __version__
 from .backends import create_backend, installed_runtimes
 from .bundle import bundle_path, verify_bundle
-from .measure import (first_token_and_decode, load_task, prompt_ids, smoke_test, summarize_ms, sustained, task_accuracy,
-                      time_repeated)
+from .install import add_commands as add_install_commands
+from .measure import (first_token_and_decode, load_model, load_task, prompt_ids, smoke_test, summarize_ms, sustained,
+                      task_accuracy, time_repeated)
 from .telemetry import TelemetrySampler, cpu_governors, telemetry_summary
 from .telemetry.jetson import jetson_clocks_applied, nvpmodel_mode, snapshot_counters, throttle_state
 from .telemetry.tegrastats import TegrastatsSampler
@@ -117,10 +119,7 @@ def cmd_run(args) -> int:
 
         backend = create_backend(manifest.get("runtime", "onnxruntime"))
         t0 = time.perf_counter()
-        backend.load(bundle_path(bundle_dir, model["file"]), threads,
-                     num_kv_heads=model.get("num_kv_heads"), head_dim=model.get("head_dim"),
-                     options={**(manifest.get("runtime_options") or {}),
-                              "model_sha256": manifest["files"][model["file"]]})
+        load_model(backend, bundle_dir, manifest, threads)
         loaded = time.perf_counter()
         load_s = loaded - t0
 
@@ -256,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or null when it does not import.",
         epilog="example:\n  python3 runner.pyz info")
     info.set_defaults(func=cmd_info)
+    add_install_commands(sub)  # install, commit, rollback, status, trust-key, boot-check
     return parser
 
 

@@ -49,7 +49,7 @@ def load_manifest(bundle_dir: Path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunnerError(f"cannot read {manifest_path}: {exc}") from None
+        raise RunnerError(f"cannot read {manifest_path}: {exc}") from exc
     if not isinstance(manifest, dict):
         raise RunnerError(f"{manifest_path} is not a JSON object")
     if manifest.get("format") != BUNDLE_FORMAT:

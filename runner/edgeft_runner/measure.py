@@ -11,6 +11,7 @@ import numpy as np
 
 from . import RunnerError
 from .backends import Backend
+from .bundle import bundle_path
 
 
 # A percentile from fewer samples than this is mostly the max (p99 of 43 samples is the 43rd): reported
@@ -133,6 +134,16 @@ def greedy_generate(backend: Backend, prompt: list[int], max_new_tokens: int, eo
         logits, past = backend.forward(np.asarray([[token]], dtype=np.int64), past)
 
 
+def load_model(backend: Backend, bundle_dir: Path, manifest: dict, threads: int) -> None:
+    """Load the bundle's model into `backend` with what the manifest says about it (run and install share this)."""
+    model = manifest["model"]
+    backend.load(bundle_path(bundle_dir, model["file"]), threads,
+                 num_kv_heads=model.get("num_kv_heads"), head_dim=model.get("head_dim"),
+                 options={**(manifest.get("runtime_options") or {}), "model_sha256": manifest["files"][model["file"]],
+                          # the model file and its external data, as verified against the manifest (TensorRT's engine key)
+                          "model_files": {name: sha for name, sha in manifest["files"].items() if name.startswith(model["file"])}})
+
+
 def smoke_test(backend: Backend, golden_path: Path, atol: float) -> dict:
     """Run the golden input with an empty cache; logits must match the host's within atol."""
     try:
@@ -140,7 +151,7 @@ def smoke_test(backend: Backend, golden_path: Path, atol: float) -> dict:
             input_ids = np.asarray(golden["input_ids"], dtype=np.int64)
             expected = np.asarray(golden["logits"], dtype=np.float32)
     except (OSError, KeyError, ValueError) as exc:
-        raise RunnerError(f"cannot read golden file {golden_path.name}: {exc}") from None
+        raise RunnerError(f"cannot read golden file {golden_path.name}: {exc}") from exc
     logits, _ = backend.forward(input_ids, backend.empty_past())
     logits = np.asarray(logits, dtype=np.float32)
     if logits.shape != expected.shape:
@@ -161,7 +172,7 @@ def load_task(task_path: Path) -> dict:
             isinstance(e.get("prompt_ids"), list) and e["prompt_ids"] and isinstance(e.get("completion_ids"), list)
             for e in examples)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise RunnerError(f"cannot read task file {Path(task_path).name}: {exc}") from None
+        raise RunnerError(f"cannot read task file {Path(task_path).name}: {exc}") from exc
     if not ok:
         raise RunnerError(f"task file {Path(task_path).name}: needs max_new_tokens > 0 and examples "
                           "with non-empty prompt_ids and completion_ids lists")

@@ -53,6 +53,11 @@ def create_backend(runtime: str) -> Backend:
     return _module(runtime).create_backend()
 
 
+def runtime_version(runtime: str) -> str | None:
+    """The version of one runtime if it imports on this device, else None (imports only that runtime)."""
+    return _module(runtime).installed_version()
+
+
 def installed_runtimes() -> dict[str, str | None]:
     """Runtime name -> version if it imports on this device, else None."""
-    return {name: _module(name).installed_version() for name in BACKEND_MODULES}
+    return {name: runtime_version(name) for name in BACKEND_MODULES}

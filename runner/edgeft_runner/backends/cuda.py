@@ -8,14 +8,20 @@ libcudart always is. Every call's return code is checked and turned into a one-l
 from __future__ import annotations
 
 import ctypes
+import glob
+import os
+import re
 
 import numpy as np
 
 from .. import RunnerError
 
-# JetPack 5 ships CUDA 11.4 (soname .11.0), JetPack 6 CUDA 12, JetPack 7 / Thor CUDA 13.
-LIBCUDART_CANDIDATES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
-                        "/usr/local/cuda/lib64/libcudart.so")
+# JetPack 5 ships CUDA 11.4 (soname .11.0), JetPack 6 CUDA 12, JetPack 7 / Thor CUDA 13. The unversioned
+# libcudart.so comes only with the toolkit's -dev package: runtime-only images have just the versioned ones.
+LIBCUDART_SONAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so.11")
+# Where CUDA installs it when the dynamic loader is not told (no ld.so.conf.d entry, e.g. in containers).
+CUDA_LIB_DIRS = ("/usr/local/cuda/lib64", "/usr/local/cuda/targets/*/lib", "/usr/local/cuda-*/lib64",
+                 "/usr/local/cuda-*/targets/*/lib")
 NOT_FOUND = "CUDA runtime (libcudart) not found on this device: install JetPack / the CUDA toolkit"
 
 MEMCPY_HOST_TO_DEVICE = 1  # cudaMemcpyKind
@@ -34,6 +40,8 @@ _SIGNATURES = {
     "cudaGetDeviceCount": (_c.POINTER(_c.c_int),),
     "cudaMalloc": (_c.POINTER(_PTR), _c.c_size_t),
     "cudaFree": (_PTR,),
+    "cudaHostAlloc": (_c.POINTER(_PTR), _c.c_size_t, _c.c_uint),
+    "cudaFreeHost": (_PTR,),
     "cudaMemcpyAsync": (_PTR, _PTR, _c.c_size_t, _c.c_int, _PTR),
     "cudaStreamCreate": (_c.POINTER(_PTR),),
     "cudaStreamSynchronize": (_PTR,),
@@ -47,9 +55,27 @@ _SIGNATURES = {
 }
 
 
-def load_libcudart(candidates=LIBCUDART_CANDIDATES) -> ctypes.CDLL:
-    """The first candidate that loads; RunnerError(NOT_FOUND) when none does."""
-    for name in candidates:
+def _version(path: str) -> tuple[int, ...]:
+    suffix = os.path.basename(path)[len("libcudart.so"):]  # "" or ".12.2.140"
+    return tuple(int(part) for part in re.findall(r"\d+", suffix))
+
+
+def libcudart_candidates(lib_dirs=CUDA_LIB_DIRS) -> list[str]:
+    """What to try, in order: the sonames (the dynamic loader's own search), then the libcudart.so* files
+    in CUDA's install directories (glob patterns), per directory the unversioned one first, then the
+    newest version."""
+    found = []
+    for pattern in lib_dirs:
+        for directory in sorted(glob.glob(pattern)):
+            files = [p for p in glob.glob(os.path.join(glob.escape(directory), "libcudart.so*"))
+                     if re.fullmatch(r"libcudart\.so(\.\d+)*", os.path.basename(p))]
+            found += sorted(files, key=lambda p: (bool(_version(p)), [-v for v in _version(p)]))
+    return list(dict.fromkeys([*LIBCUDART_SONAMES, *found]))
+
+
+def load_libcudart(candidates=None) -> ctypes.CDLL:
+    """The first candidate (default: libcudart_candidates()) that loads; RunnerError(NOT_FOUND) when none does."""
+    for name in libcudart_candidates() if candidates is None else candidates:
         try:
             return ctypes.CDLL(name)
         except OSError:
@@ -60,7 +86,7 @@ def load_libcudart(candidates=LIBCUDART_CANDIDATES) -> ctypes.CDLL:
 class CudaRuntime:
     """Device 0 of this process (Jetsons have one GPU); pointers, streams and events are plain ints."""
 
-    def __init__(self, candidates=LIBCUDART_CANDIDATES):
+    def __init__(self, candidates=None):
         self.lib = load_libcudart(candidates)
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(self.lib, name)
@@ -99,6 +125,16 @@ class CudaRuntime:
 
     def free(self, ptr: int) -> None:
         self.check(self.lib.cudaFree(ptr), "cudaFree")
+
+    def host_alloc(self, nbytes: int) -> np.ndarray:
+        """Page-locked host memory as a uint8 array: copies from it are true async DMA, where pageable
+        memory is first staged by the driver, synchronously. Free with free_host(array.ctypes.data)."""
+        ptr = _PTR()
+        self.check(self.lib.cudaHostAlloc(_c.byref(ptr), nbytes, 0), f"cudaHostAlloc({nbytes} bytes)")
+        return np.ctypeslib.as_array((_c.c_uint8 * nbytes).from_address(ptr.value))
+
+    def free_host(self, ptr: int) -> None:
+        self.check(self.lib.cudaFreeHost(ptr), "cudaFreeHost")
 
     def copy_to_device_async(self, device_ptr: int, host: np.ndarray, stream: int) -> None:
         """host must be C-contiguous and stay alive until the stream is synchronized."""

@@ -42,10 +42,10 @@ def _interpreter_class():
     try:
         from tflite_runtime import interpreter as tflite_runtime
     except ImportError:
-        raise RunnerError(INSTALL_HINT) from None
+        raise RunnerError(INSTALL_HINT)
     except Exception as exc:  # tflite_runtime 2.14 built against numpy 1 fails to import under numpy 2
         raise RunnerError(f"tflite_runtime does not import ({str(exc).strip().splitlines()[0]}); "
-                          "it needs numpy < 2, or install ai-edge-litert") from None
+                          "it needs numpy < 2, or install ai-edge-litert") from exc
     return tflite_runtime.Interpreter, f"tflite-runtime {getattr(tflite_runtime, '__version__', 'unknown')}"
 
 
@@ -84,7 +84,7 @@ class TFLiteBackend(Backend):
             self.interpreter = interpreter_class(model_path=str(model_path), num_threads=int(threads))
             signatures = self.interpreter.get_signature_list()
         except Exception as exc:
-            raise RunnerError(f"LiteRT cannot load {model_path}: {str(exc).strip().splitlines()[0]}") from None
+            raise RunnerError(f"LiteRT cannot load {model_path}: {str(exc).strip().splitlines()[0]}") from exc
         prefill = sorted((int(m.group(1)), name) for name in signatures
                          if (m := re.fullmatch(r"prefill_(\d+)", name)))
         if "decode" not in signatures or not prefill:
@@ -126,7 +126,7 @@ class TFLiteBackend(Backend):
             out = runner(**{name: _to_tensor(value, inputs[name]) for name, value in
                             self.signature_inputs(length, tokens, pos, cache).items()})
         except Exception as exc:
-            raise RunnerError(f"LiteRT failed to run the model: {str(exc).strip().splitlines()[0]}") from None
+            raise RunnerError(f"LiteRT failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
         out = {name: _from_tensor(value, outputs[name]) for name, value in out.items()}
         return out["logits"], {name: out[name] for name in cache}
 

@@ -1,9 +1,9 @@
 """Background sampling while the model runs, and the one telemetry schema every runtime reports.
 
 Each sample (also written as a JSON line with --samples, for plotting) has the same keys on every
-device: t (unix s), rss_mb, ram_used_mb, temps_c {zone: C}, cpu_freq_mhz {policy: MHz},
-gpu_freq_mhz, emc_freq_mhz, power_mw {rail: mW}. What a device cannot read is null or {}; the
-summary says why.
+device: t (unix s), rss_mb, ram_used_mb, temps_c {zone: C}, hot_zones [zones at or over their
+first passive trip: the kernel is slowing clocks down], cpu_freq_mhz {policy: MHz}, gpu_freq_mhz,
+emc_freq_mhz, power_mw {rail: mW}. What a device cannot read is null or {}; the summary says why.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-from .jetson import _read_int, cpufreq_policies, gpu_devfreq_devices
+from .jetson import _read_int, cpufreq_policies, gpu_devfreq_devices, passive_trips_c
 from .system import ram_used_mb, rss_mb
-from .thermal import ThermalTracker
+from .thermal import ThermalTracker, zone_dirs
 
 SAMPLE_INTERVAL_S = 0.2
 SCHEMA = "edgeft-telemetry/1"
@@ -59,6 +59,8 @@ class TelemetrySampler:
         self.tegrastats = tegrastats  # a TegrastatsSampler: its latest line adds power, EMC and GR3D
         self.records: list[dict] = []
         self.thermal = ThermalTracker(sysfs_root)
+        # Trip points are fixed while a run lasts: read them once, compare every sample against them.
+        self.passive_trip_c = {zone.name: trips[0] for zone in zone_dirs(sysfs_root) if (trips := passive_trips_c(zone))}
         self.samples_path = Path(samples_path) if samples_path else None
         self.interval_s = interval_s
         self.num_samples = 0
@@ -68,8 +70,10 @@ class TelemetrySampler:
 
     def sample(self) -> dict:
         rss = rss_mb()
+        temps = self.thermal.sample()
+        hot = sorted(zone for zone, temp_c in temps.items() if zone in self.passive_trip_c and temp_c >= self.passive_trip_c[zone])
         record = {"t": round(time.time(), 3), "rss_mb": round(rss, 1) if rss is not None else None,
-                  "ram_used_mb": ram_used_mb(), "temps_c": self.thermal.sample(), **clock_sample(self.sysfs_root),
+                  "ram_used_mb": ram_used_mb(), "temps_c": temps, "hot_zones": hot, **clock_sample(self.sysfs_root),
                   "emc_freq_mhz": None, "power_mw": {}}
         latest = self.tegrastats.latest() if self.tegrastats is not None else None
         if latest:

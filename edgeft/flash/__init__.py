@@ -1,0 +1,1 @@
+"""Field flashing: keys and bundle signatures, content-addressed transfer, A/B installs and fleet rollouts."""

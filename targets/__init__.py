@@ -1,0 +1,1 @@
+"""Shipped targets: installed as edgeft._shipped.targets (pyproject.toml), so importlib.resources finds them."""
