@@ -232,7 +232,7 @@ def test_host_killed_mid_transfer_resumes(lab, key, releases, cache_dir):
 def test_connection_cut_every_2_mib_still_delivers_byte_identical(lab, key, releases, tmp_path):
     info, root = lab.devices[0], root_of(lab)
     bundle = releases.next(blob=12 << 20)
-    with FaultProxy(("127.0.0.1", info.port), drop_every=2 << 20) as proxy:
+    with FaultProxy(("127.0.0.1", info.port), drop_every=2 << 20, bytes_per_s=20e6) as proxy:
         known_hosts = tmp_path / "known_hosts"
         known_hosts.write_text(f"[127.0.0.1]:{proxy.port} {info.host_key_line}\n")
         data = yaml.safe_load(lab.lab_path.read_text())

@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_KEYS = {"schema", "samples", "temp_c_max", "cpu_freq_mhz_min", "cpu_freq_mhz_max", "gpu_freq_mhz_min",
                "emc_freq_mhz_min", "power_mw_avg", "power_rails", "ram_used_mb_max", "peak_rss_mb", "throttled", "reasons"}
-SAMPLE_KEYS = {"t", "rss_mb", "ram_used_mb", "temps_c", "cpu_freq_mhz", "gpu_freq_mhz", "emc_freq_mhz", "power_mw"}
+SAMPLE_KEYS = {"t", "rss_mb", "ram_used_mb", "temps_c", "hot_zones", "cpu_freq_mhz", "gpu_freq_mhz", "emc_freq_mhz", "power_mw"}
 
 
 @pytest.fixture(scope="module")

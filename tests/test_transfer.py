@@ -293,7 +293,7 @@ def test_disk_full_is_one_line_and_leaves_nothing_behind(ssh_device, small_disk,
             free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
             filler.write_bytes(b"\0" * max(0, free - 128 * 1024))
 
-    with pytest.raises(DeviceError, match=r"not enough space .* needed; its partial file was removed") as exc:
+    with pytest.raises(DeviceError, match=r"not enough space .* needed; the partial files of this transfer were removed") as exc:
         send_to_store(transport, str(root), [(sha, path)], progress=fill)
     assert "\n" not in str(exc.value)
     assert _store(root) == {} and _partials(root) == []

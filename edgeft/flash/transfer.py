@@ -12,7 +12,7 @@ One round trip asks the device which files are complete in the store and how far
 sshd has no SFTP, through the exec channel into a device-side receiver that hashes as it writes. The
 device fsyncs each file and renames it into the store (mode 0444) only if its sha256 is the one asked
 for; a mismatch deletes the partial and the file is sent once more, then the transfer fails. A dropped connection is reconnected and the file resumed, up to
-MAX_FAILURES times in a row without progress. A full disk is a one-line DeviceError, its partial removed.
+MAX_FAILURES times in a row without progress. A full disk is a one-line DeviceError, every unfinished partial removed.
 """
 
 from __future__ import annotations
@@ -337,8 +337,8 @@ class _Transfer:
                 raise error
         f.partial = now
         if f.size - now > state["free"]:
-            self._drop(f.sha)
-            raise self._no_space(f.size, state["free"] + now, f.path.name, dropped=True)
+            self._drop_unstored()
+            raise self._no_space(f.size, self._free(), f.path.name, dropped=True)
         if f.failures > MAX_FAILURES:
             raise ConnectionLost(
                 f"device '{self.name}': sending {f.path.name} failed {f.failures} times in a row without progress "
@@ -364,7 +364,7 @@ class _Transfer:
             self._report()
         elif result == "error":
             if answer.get("errno") == "ENOSPC":
-                self._drop(f.sha)
+                self._drop_unstored()
                 raise self._no_space(f.size, self._free(), f.path.name, dropped=True)
             raise DeviceError(
                 f"device '{self.name}': cannot write {self.store}/.partial/{f.sha}: {answer.get('detail')}; "
@@ -470,10 +470,12 @@ class _Transfer:
         except DeviceError:
             return 0
 
-    def _drop(self, sha: str) -> None:
-        """Remove a partial (best effort: the device may be gone)."""
+    def _drop_unstored(self) -> None:
+        """A full disk: remove the partial of every file of this transfer not yet stored (not only the one that
+        hit the limit: earlier uploads wait in .partial for one batched verify), best effort."""
+        shas = [f.sha for f in self.files if not f.stored]
         try:
-            self._store_script("drop", [sha])
+            self._store_script("drop", shas)
         except DeviceError:
             pass
 
@@ -483,7 +485,7 @@ class _Transfer:
             self.progress(min(sum(f.on_device for f in self.files), self.total), self.total)
 
     def _no_space(self, needed: int, free: int, what: str, *, dropped: bool = False) -> DeviceError:
-        removed = "; its partial file was removed" if dropped else ""
+        removed = "; the partial files of this transfer were removed" if dropped else ""
         return DeviceError(
             f"device '{self.name}': not enough space in {self.store} for {what}: {free} bytes free, {needed} needed"
             f"{removed}; free space on the device (or choose another install root), then send again"
