@@ -11,7 +11,9 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock, Timeout
 
 META_FILE = "artifact.json"
 
@@ -70,6 +72,21 @@ class Artifact:
     def load(cls, path: Path) -> "Artifact":
         meta = json.loads((path / META_FILE).read_text())
         return cls(path=path, cached=True, **meta)
+
+
+@contextmanager
+def held_lock(lock: FileLock, waiting: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold an OS file lock (gone with its process, so a killed holder never leaves it stuck), saying
+    `waiting` once when another holder makes this one wait."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import pipeline
+from . import estimate, memory, pipeline
 from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir, write_atomic
 from .bundle import MEASUREMENT_FILES, assemble
 from .config import Budgets, Profile, Target, load_lab, load_profile, load_target
@@ -173,11 +173,11 @@ def check_out(out: Path) -> None:
 
 
 def check_model_fits(planned: list[pipeline.PlannedStage], model: Path, model_config: dict[str, Any], where: str) -> None:
-    """Stage settings the model's own config rules out (an explicit finetune.max_length beyond its positions)."""
+    """Stage settings the model's own config rules out (an explicit max_length beyond its positions)."""
     positions = model_config.get("max_position_embeddings") or model_config.get("n_positions")
     for stage in planned:
-        if stage.name == "finetune":
-            check_max_length(stage.config, positions, model, where)
+        if stage.name in ("finetune", "prune", "distill"):
+            check_max_length(stage.config, positions, model, where, stage.name)
 
 
 def measure_reserved(reservation: Reservation, bundle_dir: Path, log: Callable[[str], None],
@@ -244,11 +244,22 @@ class Prepared:
     device_runtime: dict[str, Any] | None = None  # the runtime module and version on the device (device_runtime)
 
 
-def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> Prepared:
-    """Validate every input and reach the device first, so mistakes fail in a second, not after training.
-    The cheap checks (options, --out, the cache, the profile, the model dir and its config) run before
-    torch is even imported."""
-    started = time.perf_counter()
+@dataclass
+class Checked:
+    """A build's inputs after the cheap checks (nothing heavy imported, no device contacted)."""
+
+    target: Target
+    profile: Profile
+    planned: list[pipeline.PlannedStage]
+    out: Path
+    splits: Splits
+    data_report: Any
+    model_config: dict[str, Any] | None  # the user's config.json (None: the demo model)
+
+
+def check_inputs(options: BuildOptions, log: Callable[[str], None] = print) -> Checked:
+    """Every check that needs no torch and no device: options, the target and profile, --out, the cache,
+    the model dir and its config, the data. Bad input fails here in about a second."""
     check_threads(options.threads)
     if options.sign_key is not None:  # a wrong key fails now, not after training
         load_private_key(options.sign_key)
@@ -261,21 +272,71 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
     out = Path(options.out) if options.out else Path("build") / target.name
     check_out(out)
     check_writable_dir(cache_root(), f"the build cache {cache_root()} (EDGEFT_CACHE)")
+    model_config = None
     if options.model is not None:
         model_config = check_model_dir(options.model)
         if options.adapter_dir is None:  # an --adapter-dir build runs no finetune stage
             check_model_fits(planned, Path(options.model), model_config, str(profile.source))
     splits = load_splits(options.data, profile.data)
     data_report = check_data(splits, profile.data)  # raises ConfigError when data.sensitive: fail finds something
+    return Checked(target, profile, planned, out, splits, data_report, model_config)
+
+
+def memory_plan(planned: list[pipeline.PlannedStage], model_dir: Path | None, model_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The model's size and each stage's estimated peak memory and disk (edgeft.estimate), with a one-line
+    warning when the largest peak is above the memory free now. Reads only file headers."""
+    params = None
+    if model_dir is not None:
+        counted = estimate.safetensors_params(model_dir)
+        params = counted[0] if counted else (estimate.config_params(model_config) if model_config else None)
+    stages = []
+    for stage in planned:
+        row: dict[str, Any] = {"name": stage.name}
+        if params is not None:
+            row.update({k: round(v) for k, v in estimate.stage_estimate(stage.name, stage.config, 4 * params).items()})
+        stages.append(row)
+    available = memory.available_bytes()
+    warning = None
+    peaks = [row for row in stages if "peak_memory_bytes" in row]
+    if peaks and available is not None:
+        worst = max(peaks, key=lambda row: row["peak_memory_bytes"])
+        if worst["peak_memory_bytes"] > available:
+            advice = {"finetune": "set finetune.method: qlora and gradient_checkpointing: true, or a smaller finetune.batch_size",
+                      "distill": "set a smaller distill.student"}.get(worst["name"], "free memory or build on a larger machine "
+                                                                             "(stages are cached: a build resumes where it stopped)")
+            warning = (f"memory warning: {worst['name']} may peak at ~{worst['peak_memory_bytes'] / 1e9:.1f} GB (estimate) for "
+                       f"{params / 1e9:.2f}B parameters, above the {available / 1e9:.1f} GB free now; {advice}")
+    return {"parameters": params, "fp32_weight_bytes": 4 * params if params else None, "available_memory_bytes": available,
+            "stages": stages, "warning": warning}
+
+
+def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = print) -> Prepared:
+    """Validate every input and reach the device first, so mistakes fail in a second, not after training.
+    The cheap checks (options, --out, the cache, the profile, the model dir and its config) run before
+    torch is even imported."""
+    started = time.perf_counter()
+    checked = check_inputs(options, log)
+    target, profile, out, splits, data_report = checked.target, checked.profile, checked.out, checked.splits, checked.data_report
     log(data_report.summary())
     for warning in data_report.warnings:
         log(f"data warning: {warning}")
+    if options.model is not None:
+        warning = memory_plan(checked.planned, Path(options.model), checked.model_config)["warning"]
+        if warning:
+            log(warning)
+    probed_runtime = None
     if options.device != "local" and not options.tags:  # a wrong or unreachable device fails now, not after training
         from .device import open_transport
+        from .lab import probe_facts
 
         check_target(load_lab(options.lab).device(options.device), target.name, target.arch, target.runtime, "this build is")
         transport, _ = open_transport(options.device, options.lab, options.trust_new_host_key)
-        transport.close()
+        try:  # the same connection reads the device's runtime version, for the measurement cache key
+            probed_runtime = probe_facts(transport, target.runtime)["runtime"]
+        except DeviceError:
+            pass  # its python cannot run the probe: the measurement says so, in its own words
+        finally:
+            transport.close()
     import torch
 
     from . import quiet_libraries
@@ -293,7 +354,8 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
         log(f"finetune: using the adapter in {options.adapter_dir} ({adapter.info.get('method')}, {adapter.info.get('adapter')!r}), not training")
         if adapter.info.get("data_sha256") not in (None, splits.sha256):
             log(f"data warning: the adapter was trained on other data ({adapter.info.get('data_path')}); accuracy is measured on {splits.source}")
-    return Prepared(options, target, profile, splits, ctx, out, started, adapter, data_check=_data_check_summary(data_report))
+    return Prepared(options, target, profile, splits, ctx, out, started, adapter, data_check=_data_check_summary(data_report),
+                    device_runtime=probed_runtime)
 
 
 def _data_check_summary(data_report) -> dict[str, Any]:
@@ -328,8 +390,8 @@ def measurement_key(prep: Prepared, final: Artifact, runtime: dict[str, Any], ru
 
 
 def device_runtime(prep: Prepared) -> dict[str, Any]:
-    """The target's runtime as the device's python imports it ({"module", "version"}, or {"error"}), probed
-    once per build over a plain connection (no reservation: it only reads a version)."""
+    """The target's runtime as the device's python imports it ({"module", "version"}, or {"error"}): read by
+    prepare()'s reachability check for a named lab device, else probed here once per build."""
     if prep.device_runtime is None:
         from .device import open_transport
         from .lab import probe_facts
@@ -386,7 +448,8 @@ def package_and_measure(prep: Prepared, final: Artifact, outcomes, bundle_dir: P
                 "stages": [{"name": o.name, "cached": o.cached, "seconds": o.seconds, "metrics": o.metrics} for o in outcomes]}
     device_report, measure_was_cached = measure_cached(prep, final, bundle_dir, use_measure_cache)
     report = make_report(manifest, bundle_dir, device_report, prep.options.device, baseline=prep.options.baseline)
-    report["stages"] = [{"name": o.name, "cached": o.cached, "seconds": o.seconds} for o in outcomes]
+    report["stages"] = [{"name": o.name, "cached": o.cached, "seconds": o.seconds, "peak_rss_bytes": o.metrics.get("peak_rss_bytes")}
+                        for o in outcomes]
     report["measurement_cached"] = measure_was_cached
     return report
 
@@ -532,3 +595,32 @@ def build(options: BuildOptions, progress=None, log: Callable[[str], None] = pri
     prep = prepare(options, progress, log)
     final, outcomes = compile_model(prep, pipeline.plan(prep.profile), str(prep.profile.source))
     return write_bundle(prep, final, outcomes)
+
+
+def dry_run(options: BuildOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The plan of a build, nothing run and no device contacted: its stages, which are cached, the
+    model's parameter count and each stage's estimated peak memory and disk (edgeft.estimate)."""
+    checked = check_inputs(options, log)
+    model_dir = Path(options.model) if options.model is not None else None
+    if model_dir is None:
+        from .demo.base import demo_base_dir, is_built
+
+        model_dir = demo_base_dir() if is_built() else None  # a demo base not built yet: pretrained by the first build
+    plan = memory_plan(checked.planned, model_dir, checked.model_config)
+    # Cached: walk the keys from the base; after the first stage that must run, the rest must run too.
+    current = pipeline.base_artifact(model_dir) if model_dir is not None and options.adapter_dir is None else None
+    evaluation = None
+    if current is not None:
+        from .evaluate import eval_identity
+
+        evaluation = eval_identity(checked.profile.eval)
+    for stage, row in zip(checked.planned, plan["stages"]):
+        row["config"] = stage.config.model_dump(mode="json", exclude_unset=True)  # what the profile set
+        if current is None or options.force:
+            row["cached"] = False
+            continue
+        entry = pipeline.entry_path(stage.name, pipeline.stage_key(stage, current, checked.splits.sha256, evaluation))
+        row["cached"] = pipeline.is_complete(entry)
+        current = Artifact.load(entry) if row["cached"] else None
+    return {"target": checked.target.name, "profile": checked.profile.name, "model": str(model_dir) if model_dir else "demo (not built yet)",
+            "data": str(checked.splits.source), "out": str(checked.out), "device": options.device, **plan}

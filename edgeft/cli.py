@@ -28,9 +28,11 @@ def _progress(enabled: bool):
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as progress:
+    # Elapsed and, for work of known size (evaluation, training), the time left: a 1B model's evaluation takes minutes.
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
         yield progress
 
 
@@ -97,9 +99,10 @@ def _terminated(signum, frame) -> None:
 @click.option("--no-measure", is_flag=True, help="Write the bundle without measuring it (e.g. a Jetson bundle built on a host without TensorRT); measure it later with `edgeft measure`.")
 @click.option("--prometheus", "prometheus", type=click.Path(path_type=Path), help="Also write the result as Prometheus metrics to this *.prom file, or edgeft.prom in this directory (node_exporter textfile collector).")
 @click.option("--sign-key", "sign_key", type=click.Path(path_type=Path), help="Sign the bundle with this private key (edgeft.key) as the last step, when the gate passes or with --no-measure (as `edgeft sign` does: channel = target, next version). Checked before any work.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop: the stages, which are cached, the model's parameter count, each stage's estimated peak memory and disk; warn when memory looks short. Trains nothing, contacts no device.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or status lines.")
-def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, baseline, no_measure, prometheus, sign_key, as_json, quiet):
+def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host_key, force, threads, sysfs_root, do_search, adapter, adapter_dir, baseline, no_measure, prometheus, sign_key, dry_run, as_json, quiet):
     """Fine-tune, merge, export and quantize per the profile, measure on a device, gate, write the bundle.
 
     \b
@@ -118,6 +121,7 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
       edgeft build -t rpi5 -d rpi5-lab-1 --baseline reports/   # fail on a slowdown beyond max_regression
       edgeft build -t rpi5 --prometheus /var/lib/node_exporter/textfile/   # metrics for dashboards
       edgeft build -t rpi5 --sign-key keys/edgeft.key   # a signed release (edgeft keys new --out keys)
+      edgeft build -t jetson-orin --model ./tinyllama --dry-run   # the plan, memory and disk before anything runs
     """
     from .build import BuildOptions
     from .build import build as run_build
@@ -137,6 +141,15 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
     if prometheus and no_measure:
         raise click.UsageError("--prometheus writes measured results; it cannot be combined with --no-measure")
     prometheus_file = _prometheus_path(prometheus)
+    if dry_run:
+        from .build import dry_run as plan_build
+
+        plan = plan_build(options, log=log)
+        if as_json:
+            click.echo(json.dumps(plan, indent=2))
+        else:
+            _print_plan(plan)
+        sys.exit(0)
     if do_search:
         from .search import search
 
@@ -165,6 +178,28 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
     if not quiet:
         _print_report(report, f"bundle: {report['bundle']['path']}")
     sys.exit(EXIT_BY_VERDICT[report["gate"]["verdict"]])
+
+
+def _print_plan(plan: dict) -> None:
+    """The human view of `build --dry-run`."""
+    from rich.table import Table
+
+    params = plan["parameters"]
+    size = f"{params / 1e9:.2f}B parameters, {plan['fp32_weight_bytes'] / 1e9:.1f} GB in fp32" if params else "size unknown (no *.safetensors)"
+    console.print(f"[bold]plan[/]: {plan['target']} / {plan['profile']}, model {plan['model']} ({size}), data {plan['data']}, out {plan['out']}")
+    table = Table(box=None, pad_edge=False)
+    for column in ("stage", "cached", "peak memory (est.)", "disk (est.)", "config"):
+        table.add_column(column)
+    for row in plan["stages"]:
+        peak, disk = row.get("peak_memory_bytes"), row.get("disk_bytes")
+        table.add_row(row["name"], "yes" if row["cached"] else "no", _human_bytes(peak) if peak else "?",
+                      _human_bytes(disk) if disk else "?", json.dumps(row["config"]) if row["config"] else "")
+    console.print(table)
+    available = plan["available_memory_bytes"]
+    if available is not None:
+        console.print(f"memory free now: {_human_bytes(available)}")
+    if plan["warning"]:
+        console.print(f"[yellow]{plan['warning']}[/]")
 
 
 def _print_report(report: dict, where: str) -> None:
@@ -918,12 +953,22 @@ def _flash_table(result: dict) -> None:
         console.print(f"[red]rollout halted:[/] {escape(result['halted'])}", soft_wrap=True)
 
 
+def _installed_device_options(command):
+    """The options of the commands that look at one device's install root (status, rollback)."""
+    for option in reversed((
+        click.option("--device", "-d", required=True, help="The lab device."),
+        click.option("--root", help="Install root on the device. Default: its install.root in the lab file (edgeft-install)."),
+        click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml."),
+        click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True,
+                     help="Seconds to wait for the device when another run holds it."),
+        click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts."),
+    )):
+        command = option(command)
+    return command
+
+
 @main.command("status")
-@click.option("--device", "-d", required=True, help="The lab device.")
-@click.option("--root", help="Install root on the device. Default: its install.root in the lab file (edgeft-install).")
-@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it.")
-@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@_installed_device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the device's install state and last log lines as JSON on stdout.")
 def status_cmd(device, root, lab, wait_s, trust_new_host_key, as_json):
     """Show what a device has installed: both slots (bundle, version, channel, good/pending/failed),
@@ -973,11 +1018,7 @@ def _print_install_state(answer: dict) -> None:
 
 
 @main.command("rollback")
-@click.option("--device", "-d", required=True, help="The lab device.")
-@click.option("--root", help="Install root on the device. Default: its install.root in the lab file (edgeft-install).")
-@click.option("--lab", type=click.Path(path_type=Path), help="Lab inventory YAML. Default: hil/lab.yaml.")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for the device when another run holds it.")
-@click.option("--trust-new-host-key", is_flag=True, help="Accept and record an SSH host key not yet in known_hosts.")
+@_installed_device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the runner's answer as JSON on stdout.")
 def rollback_cmd(device, root, lab, wait_s, trust_new_host_key, as_json):
     """Switch a device back to its other slot (when that slot holds a good, verified bundle), or cancel

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
-from .artifact import atomic_dir, cache_root, digest_of, write_atomic
+from .artifact import atomic_dir, cache_root, digest_of, held_lock, write_atomic
 from .config import Lab, LabDevice, default_lab_path, load_lab, load_yaml
 from .device.ssh import SshTransport
 from .errors import ConfigError, DeviceError
@@ -780,16 +780,8 @@ def _exclusive(log: Log) -> Iterator[None]:
     a running board's overlay sits on, nor start two sshds for one board."""
     path = emulate_root() / "emulate.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"waiting for another `edgeft lab emulate` on this machine (lock {path})")
-        lock.acquire()
-    try:
+    with held_lock(FileLock(str(path)), f"waiting for another `edgeft lab emulate` on this machine (lock {path})", log):
         yield
-    finally:
-        lock.release()
 
 
 def _bring_up(name: str, lab_path: Path, target: str, log: Log, start: float) -> dict[str, Any]:

@@ -23,6 +23,9 @@ from .data import Example, encode_many, fit_length
 GENERAL_TEXT = Path(__file__).resolve().parent / "demo" / "general.txt"
 CONTEXT_TOKENS = 128  # default eval.context_tokens: general text is scored in chunks of at most this many tokens
 MAX_BATCH_TOKENS = 4096  # rows x padded length per teacher-forced forward (bounds the logits' memory)
+# ... and fewer with a large vocabulary: the fp32 logits and their log-softmax of one forward stay near this
+# (4096 tokens x a 128K vocab would be 2 GB each, on top of the model).
+LOGITS_BYTES_PER_BATCH = 256 << 20
 
 
 def max_new_tokens_for(tokenizer, examples: list[Example]) -> int:
@@ -123,6 +126,16 @@ def _device(model):
     return getattr(model, "device", None) or "cpu"
 
 
+def on_compute_device(model):
+    """The model where evaluation is fastest: on CUDA in bfloat16 (the training compute dtype) when a GPU
+    is there, else unchanged (fp32 on the CPU). Moves `model` itself: call it once the model is saved."""
+    import torch
+
+    if torch.cuda.is_available() and str(_device(model)) == "cpu":
+        return model.to("cuda", dtype=torch.bfloat16)
+    return model
+
+
 def generate(model, tokenizer, examples: list[Example], batch_size: int = 64, progress=None, task=None) -> list[list[int]]:
     """Greedy continuations by batched generation (left padding), each cut after its first EOS (kept)."""
     import torch
@@ -168,13 +181,23 @@ def _batches(rows: list[tuple[list[int], int]], max_tokens: int):
         yield batch
 
 
-def teacher_forced_nll(model, rows: list[tuple[list[int], list[bool]]], pad_id: int, max_tokens: int = MAX_BATCH_TOKENS,
+def batch_tokens_for(vocab_size: int | None) -> int:
+    """Tokens per teacher-forced forward: MAX_BATCH_TOKENS, fewer when the vocabulary is large."""
+    if not vocab_size:
+        return MAX_BATCH_TOKENS
+    return max(128, min(MAX_BATCH_TOKENS, LOGITS_BYTES_PER_BATCH // (4 * vocab_size)))
+
+
+def teacher_forced_nll(model, rows: list[tuple[list[int], list[bool]]], pad_id: int, max_tokens: int | None = None,
                        progress=None, task=None) -> tuple[float, int]:
     """(summed NLL in nats, tokens scored) over rows (ids, scored): ids[t] with scored[t] is scored,
-    predicted from ids[:t] (scored[0] must be False). Right padding; one forward per batch."""
+    predicted from ids[:t] (scored[0] must be False). Right padding; one forward per batch of at most
+    `max_tokens` (default: batch_tokens_for the model's vocabulary)."""
     import torch
     import torch.nn.functional as F
 
+    if max_tokens is None:
+        max_tokens = batch_tokens_for(getattr(getattr(model, "config", None), "vocab_size", None))
     device = _device(model)
     total, count = 0.0, 0
     with torch.no_grad():

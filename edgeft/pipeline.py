@@ -27,11 +27,11 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence, get_type_hints
 
 import edgeft_runner
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
-from . import __version__
-from .artifact import META_FILE, Artifact, atomic_dir, cache_root, digest_of, hash_dir, sha256_file
+from . import __version__, memory
+from .artifact import META_FILE, Artifact, atomic_dir, cache_root, digest_of, hash_dir, held_lock, sha256_file
 from .config import Profile
 from .context import BuildContext
 from .errors import ConfigError
@@ -180,18 +180,10 @@ def leftovers(entry: Path) -> list[Path]:
 def hold_entry(entry: Path, what: str, log: Callable[[str], None] = print) -> Iterator[None]:
     """Hold `entry`'s lock for building it: another build of the same entry waits here, saying so. A dead
     builder's lock is gone with its process; its temp dir is removed here, as nobody else can be writing it."""
-    lock = entry_lock(entry)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"waiting for another build of {what} ({entry.name}); its result is reused when it is done")
-        lock.acquire()
-    try:
+    with held_lock(entry_lock(entry), f"waiting for another build of {what} ({entry.name}); its result is reused when it is done", log):
         for path in leftovers(entry):
             shutil.rmtree(path, ignore_errors=True)
         yield
-    finally:
-        lock.release()
 
 
 def mark_used(path: Path) -> None:
@@ -232,7 +224,9 @@ def _build(stage: PlannedStage, source: Artifact, ctx: BuildContext, key: str, f
     ctx.log(f"{stage.name}: running")
     with atomic_dir(final) as tmp:
         ctx.out, ctx.stage_key, ctx.force = tmp, key, force
+        memory.reset_peak()
         result = stage.module.run(source, stage.config, ctx)
+        result.metrics.update(memory.peak())  # peak_rss_bytes (and peak_gpu_bytes on CUDA) of this stage alone
         result.path, result.key, result.stage = tmp, key, stage.name
         result.files = hash_dir(tmp)
         result.save_meta()

@@ -127,15 +127,21 @@ def test_explicit_max_length_beyond_the_model_is_refused(tiny, tmp_path):
 
 
 def test_max_length_default_is_capped_at_the_models_positions():
-    from edgeft.stages.finetune import FinetuneConfig, check_max_length
     from edgeft.errors import ConfigError
+    from edgeft.stages.distill import DistillConfig
+    from edgeft.stages.finetune import FinetuneConfig, check_max_length, effective_max_length
+    from edgeft.stages.prune import PruneConfig
 
-    assert FinetuneConfig().effective_max_length(128) == 128  # the default 256, capped
-    assert FinetuneConfig().effective_max_length(None) == 256 and FinetuneConfig().effective_max_length(4096) == 256
-    assert FinetuneConfig(max_length=96).effective_max_length(128) == 96
-    check_max_length(FinetuneConfig(), 128, "m")  # the default is never refused
-    with pytest.raises(ConfigError, match="max_length 512 exceeds the model's 128 positions"):
-        check_max_length(FinetuneConfig(max_length=512), 128, "m")
+    said = []
+    for config_type, stage in ((FinetuneConfig, "finetune"), (PruneConfig, "prune"), (DistillConfig, "distill")):
+        assert effective_max_length(config_type(), 128, said.append, stage) == 128  # the default 256, capped
+        assert said[-1].startswith(f"{stage}: max_length 128, the model's positions") and f"set {stage}.max_length" in said[-1]
+        assert effective_max_length(config_type(), None) == 256 and effective_max_length(config_type(), 4096) == 256
+        assert effective_max_length(config_type(max_length=96), 128) == 96
+        check_max_length(config_type(), 128, "m", stage=stage)  # the default is never refused
+        with pytest.raises(ConfigError, match=f"{stage}.max_length 512 exceeds the model's 128 positions"):
+            check_max_length(config_type(max_length=512), 128, "m", stage=stage)
+    assert len(said) == 3
 
 
 def test_debug_shows_the_cause(tiny, tmp_path):

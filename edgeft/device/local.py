@@ -119,22 +119,24 @@ class LocalTransport(Transport):
             raise self._fail(f"remove {remote}", exc) from exc
 
     # ------------------------------------------------------------------------------------ run
-    def run(self, argv: list[str], timeout: float | None = None) -> RunResult:
-        if not argv:
-            raise ValueError("run() needs a non-empty argv")
-        cwd = self._path(".", allow_root=True)
-        argv = [str(a) for a in argv]
+    def _spawn(self, argv: list[str], stdin: int) -> subprocess.Popen | RunResult:
+        """Start `argv` in the workdir in its own session (so a timeout kills its children too, as sshd's
+        killpg would); a missing or unrunnable command is the RunResult a remote shell would give."""
         try:
-            # Own session, so a timeout kills the command's children too (as sshd's killpg would).
-            proc = subprocess.Popen(
-                argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            return subprocess.Popen(argv, cwd=self._path(".", allow_root=True), stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError:
-            # What a remote shell reports for a missing command, so both transports agree.
             return RunResult(127, "", f"{argv[0]}: not found\n")
         except PermissionError:
             return RunResult(126, "", f"{argv[0]}: permission denied\n")
+
+    def run(self, argv: list[str], timeout: float | None = None) -> RunResult:
+        if not argv:
+            raise ValueError("run() needs a non-empty argv")
+        argv = [str(a) for a in argv]
+        proc = self._spawn(argv, subprocess.DEVNULL)
+        if isinstance(proc, RunResult):
+            return proc
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -156,22 +158,15 @@ class LocalTransport(Transport):
     ) -> RunResult:
         if not argv:
             raise ValueError("run_with_input() needs a non-empty argv")
-        cwd = self._path(".", allow_root=True)
         argv = [str(a) for a in argv]
         try:
             src = open(local, "rb")
         except OSError as exc:
             raise DeviceError(f"device '{self.name}': cannot read {local}: {exc.strerror or exc}") from None
         with src:
-            try:
-                proc = subprocess.Popen(
-                    argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )
-            except FileNotFoundError:
-                return RunResult(127, "", f"{argv[0]}: not found\n")
-            except PermissionError:
-                return RunResult(126, "", f"{argv[0]}: permission denied\n")
+            proc = self._spawn(argv, subprocess.PIPE)
+            if isinstance(proc, RunResult):
+                return proc
             assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
             out, err = OutputCollector(), OutputCollector()
             # Drain both pipes while feeding stdin: a full pipe would block the command and so the feed.

@@ -19,7 +19,7 @@ from ..artifact import Artifact, digest_of, hash_dir
 from ..context import BuildContext
 from ..errors import ModelError
 from ..evaluate import exact_match, stage_eval
-from .finetune import _Collator, _features, load_tokenizer
+from .finetune import _Collator, _features, effective_max_length, load_tokenizer, max_positions_of
 from .prune import count_params
 
 
@@ -120,7 +120,8 @@ def run(model: Artifact, config: DistillConfig, ctx: BuildContext) -> Artifact:
     test = ctx.splits.test
     teacher_accuracy = exact_match(teacher, tokenizer, test, progress=ctx.progress, label="evaluate teacher")
 
-    train = _features(tokenizer, ctx.splits.train, config.max_length, ctx.splits.config).rows
+    max_length = effective_max_length(config, max_positions_of(model.path), ctx.log, "distill")
+    train = _features(tokenizer, ctx.splits.train, max_length, ctx.splits.config).rows
     loader = torch.utils.data.DataLoader(
         train, batch_size=config.batch_size, shuffle=True, collate_fn=_Collator(tokenizer.pad_token_id),
         generator=torch.Generator().manual_seed(config.seed),

@@ -16,7 +16,7 @@ from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import encode
 from ..errors import ConfigError, ModelError, QualityCheckFailed
-from .. import lm
+from .. import lm, onnx_io
 
 
 class ExportConfig(BaseModel):
@@ -90,7 +90,13 @@ def export_onnx(model, path, opset: int) -> None:
             _wrapper(model), args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
             input_names=names_in, output_names=names_out, report=False, verbose=False,
         )
-    program.save(str(path))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(str(path), external_data=onnx_io.needs_external_data(weight_bytes))
+    # The program's initializers wrap the model's own tensors, and its graph outlives this call (something in
+    # the exporter keeps it): unlink the tensors, so freeing the model frees its weights (a 1B model's 4 GB)
+    # before ONNX Runtime loads its own copy.
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
 
 
 def _validate_tflite(path, torch_model, tokenizer, examples, atol: float, threads: int) -> float:
@@ -115,6 +121,8 @@ def _validate_tflite(path, torch_model, tokenizer, examples, atol: float, thread
 
 
 def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
+    import gc
+
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -129,6 +137,10 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
     if config.format == "tflite":
         from .. import tflite
 
+        weight_bytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())
+        if weight_bytes >= 2 << 30:
+            raise ModelError(f"{model.path}: {weight_bytes / 2**30:.1f} GiB of fp32 weights do not fit a TFLite flatbuffer (2 GiB at most); "
+                             "export this model for an ONNX target (jetson-orin, rpi5) or distill it to a smaller one first")
         if config.cache_tokens > shape["max_positions"]:
             raise ModelError(f"export cache_tokens {config.cache_tokens} exceeds the model's max_position_embeddings {shape['max_positions']}")
         target_file, label = ctx.out / "model.tflite", "export TFLite (litert-torch)"
@@ -152,20 +164,29 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
     if config.format == "tflite":
         max_abs_diff = _validate_tflite(target_file, torch_model, tokenizer, examples, config.atol, ctx.threads)
         info = {"format": "tflite", "cache_tokens": config.cache_tokens, "prefill_tokens": config.prefill_tokens}
+        del torch_model
     else:
         rows = [sum(encode(tokenizer, e), []) for e in examples]
-        backend = lm.load(target_file, threads=ctx.threads)
         with torch.no_grad():
             reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
+        # One copy of the weights at a time: PyTorch's goes before ONNX Runtime loads its own (a 1B model is 4 GB
+        # each). Emptied in place: the exporter's leftovers still reference the model's tensors.
+        with torch.no_grad():
+            for tensor in [*torch_model.parameters(), *torch_model.buffers()]:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
+        del torch_model
+        gc.collect()
+        backend = lm.load(target_file, threads=ctx.threads, options={"pad_token_id": tokenizer.pad_token_id})
         max_abs_diff = max(float(np.abs(o - r).max()) for o, r in zip(lm.teacher_forced_logits(backend, rows), reference))
         if not max_abs_diff <= config.atol:
             raise QualityCheckFailed(f"export check max_abs_diff failed: the ONNX model's logits differ from PyTorch's by {max_abs_diff:.3g}, "
                                      f"above export.atol {config.atol:g}; the exporter mis-traced this model: try another export.opset, "
                                      "or raise export.atol if the task accuracy still holds",
                                      check="export.max_abs_diff", value=max_abs_diff, limit=config.atol, setting="export.atol")
-        info = {"format": "onnx", "opset": config.opset}
+        info = {"format": "onnx", "opset": config.opset, "external_data": len(onnx_io.model_files(target_file)) > 1}
     # The exported fp32 model through the runner's backend: the profile's eval metrics (edgeft.lm.stage_eval)
-    backend = lm.load(target_file, threads=ctx.threads, options={"pad_token_id": tokenizer.pad_token_id})
+    if config.format == "tflite":
+        backend = lm.load(target_file, threads=ctx.threads, options={"pad_token_id": tokenizer.pad_token_id})
     evaluation = lm.stage_eval(backend, tokenizer, ctx, max_positions=shape["max_positions"])
     tokenizer.save_pretrained(ctx.out / "tokenizer")
     return Artifact(

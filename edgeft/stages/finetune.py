@@ -23,7 +23,7 @@ from ..artifact import Artifact
 from ..context import BuildContext
 from ..data import DataConfig, training_rows
 from ..errors import ConfigError, ModelError
-from ..evaluate import stage_eval
+from ..evaluate import on_compute_device, stage_eval
 
 
 class FinetuneConfig(BaseModel):
@@ -72,12 +72,6 @@ class FinetuneConfig(BaseModel):
     def resolved(self) -> dict[str, str]:
         """What `auto` resolved to on this machine (part of the stage's cache key)."""
         return {"compute_dtype": self.resolved_dtype()}
-
-    def effective_max_length(self, max_positions: int | None) -> int:
-        """max_length, the default capped at the model's positions; an explicit value is taken as given."""
-        if max_positions is not None and "max_length" not in self.model_fields_set:
-            return min(self.max_length, max_positions)
-        return self.max_length
 
 
 def load_base(path, config: FinetuneConfig):
@@ -252,9 +246,7 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
 
     max_positions = max_positions_of(model.path)
     check_max_length(config, max_positions, model.path)
-    max_length = config.effective_max_length(max_positions)
-    if max_length < config.max_length:
-        ctx.log(f"finetune: max_length {max_length}, the model's positions (the default {config.max_length} is capped; set finetune.max_length to choose)")
+    max_length = effective_max_length(config, max_positions, ctx.log, "finetune")
     train, truncated = _features(tokenizer, ctx.splits.train, max_length, ctx.splits.config)
     val, _ = _features(tokenizer, ctx.splits.val, max_length, ctx.splits.config)
     if truncated:
@@ -263,7 +255,7 @@ def run(model: Artifact, config: FinetuneConfig, ctx: BuildContext) -> Artifact:
     accuracy_base, eval_base = None, None  # evaluated by rank 0 alone; the other processes of a multi-process run go on to train
     if int(os.environ.get("RANK", "0")) == 0:
         base_fp32 = load_base(model.path, config.model_copy(update={"method": "lora", "base_dtype": "float32"}))
-        eval_base = stage_eval(base_fp32, tokenizer, ctx, label="evaluate base")
+        eval_base = stage_eval(on_compute_device(base_fp32), tokenizer, ctx, label="evaluate base")
         accuracy_base = eval_base["exact_match"]
         del base_fp32
 
@@ -396,8 +388,18 @@ def max_positions_of(model_dir) -> int | None:
     return config.get("max_position_embeddings") or config.get("n_positions")
 
 
-def check_max_length(config: FinetuneConfig, max_positions: int | None, model_dir, where: str = "finetune") -> None:
+def effective_max_length(config, max_positions: int | None, log=None, stage: str = "finetune") -> int:
+    """A training stage's max_length (finetune, prune, distill): the default capped at the model's
+    positions, saying so; an explicit value is taken as given (check_max_length refuses one too long)."""
+    if max_positions is not None and "max_length" not in config.model_fields_set and config.max_length > max_positions:
+        if log is not None:
+            log(f"{stage}: max_length {max_positions}, the model's positions (the default {config.max_length} is capped; set {stage}.max_length to choose)")
+        return max_positions
+    return config.max_length
+
+
+def check_max_length(config, max_positions: int | None, model_dir, where: str = "finetune", stage: str = "finetune") -> None:
     """An explicit max_length beyond the model's positions is a mistake (the default is capped instead)."""
     if max_positions is not None and "max_length" in config.model_fields_set and config.max_length > max_positions:
-        raise ConfigError(f"{where}: finetune.max_length {config.max_length} exceeds the model's {max_positions} positions "
+        raise ConfigError(f"{where}: {stage}.max_length {config.max_length} exceeds the model's {max_positions} positions "
                           f"({Path(model_dir) / 'config.json'}); lower max_length or leave it unset (capped at the model's positions)")

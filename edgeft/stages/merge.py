@@ -12,7 +12,7 @@ from ..artifact import Artifact, hash_dir
 from ..context import BuildContext
 from ..data import encode
 from ..errors import ModelError, QualityCheckFailed
-from ..evaluate import stage_eval
+from ..evaluate import on_compute_device, stage_eval
 from .finetune import load_tokenizer
 
 
@@ -60,9 +60,10 @@ def run(model: Artifact, config: MergeConfig, ctx: BuildContext) -> Artifact:
             f"merge check max_abs_diff failed: the merged model differs from base+adapter by {max_abs_diff:.3g}, above "
             f"merge.atol {config.atol:g}; the adapter at {model.path / 'adapter'} may be corrupt: re-run finetune with --force",
             check="merge.max_abs_diff", value=max_abs_diff, limit=config.atol, setting="merge.atol")
-    evaluation = stage_eval(merged, tokenizer, ctx, label="evaluate merged")
-    merged.save_pretrained(ctx.out)
+    # Shards of 1 GB: safetensors serialises a shard in memory, so a 4 GB single shard would double the peak.
+    merged.save_pretrained(ctx.out, max_shard_size="1GB")
     tokenizer.save_pretrained(ctx.out)
+    evaluation = stage_eval(on_compute_device(merged), tokenizer, ctx, label="evaluate merged")  # saved fp32; evaluated on a GPU if any
     return Artifact(
         path=ctx.out,
         kind="hf-model",

@@ -17,7 +17,7 @@ from ..artifact import Artifact
 from ..context import BuildContext
 from ..errors import ModelError
 from ..evaluate import stage_eval
-from .finetune import _Collator, _features, load_tokenizer
+from .finetune import _Collator, _features, effective_max_length, load_tokenizer
 
 # Decoder-only models laid out like Llama (q/k/v/o_proj, gate/up/down_proj, rotary, no per-head weights
 # outside the projections), which this stage knows how to slice.
@@ -56,7 +56,8 @@ def _check_supported(model, path) -> None:
 def _taylor_scores(model, tokenizer, config: PruneConfig, ctx: BuildContext) -> dict[str, "torch.Tensor"]:
     """|w * dL/dw| per weight, the task loss's gradient accumulated over the calibration batches (as
     torch-pruning's TaylorImportance does). Taking |.| per batch instead measured worse on the demo."""
-    rows = _features(tokenizer, ctx.splits.train[: config.calibration_examples], config.max_length, ctx.splits.config).rows
+    max_length = effective_max_length(config, model.config.max_position_embeddings, ctx.log, "prune")
+    rows = _features(tokenizer, ctx.splits.train[: config.calibration_examples], max_length, ctx.splits.config).rows
     collate = _Collator(tokenizer.pad_token_id)
     task = ctx.progress.add_task("prune: taylor importance", total=len(rows)) if ctx.progress else None
     model.train()

@@ -16,6 +16,7 @@ from .bundle import bundle_path, verify_bundle
 from .install import add_commands as add_install_commands
 from .measure import (first_token_and_decode, load_model, load_task, prompt_ids, smoke_test, summarize_ms, sustained,
                       task_accuracy, time_repeated)
+from .slots import write_bytes_durably
 from .telemetry import TelemetrySampler, cpu_governors, telemetry_summary
 from .telemetry.jetson import jetson_clocks_applied, nvpmodel_mode, snapshot_counters, throttle_state
 from .telemetry.tegrastats import TegrastatsSampler
@@ -51,14 +52,7 @@ def _positive_int(text: str) -> int:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RunnerError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_bytes_durably(Path(path), (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def cmd_verify(args) -> int:
