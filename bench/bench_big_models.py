@@ -47,6 +47,7 @@ def make_model(shape: str, out: Path) -> Path:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty leaves tied weights as two tensors (the 3B's embedding would be saved twice)
     torch.manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():

@@ -257,7 +257,7 @@ class Checked:
     model_config: dict[str, Any] | None  # the user's config.json (None: the demo model)
 
 
-def check_inputs(options: BuildOptions, log: Callable[[str], None] = print) -> Checked:
+def check_inputs(options: BuildOptions) -> Checked:
     """Every check that needs no torch and no device: options, the target and profile, --out, the cache,
     the model dir and its config, the data. Bad input fails here in about a second."""
     check_threads(options.threads)
@@ -315,7 +315,7 @@ def prepare(options: BuildOptions, progress=None, log: Callable[[str], None] = p
     The cheap checks (options, --out, the cache, the profile, the model dir and its config) run before
     torch is even imported."""
     started = time.perf_counter()
-    checked = check_inputs(options, log)
+    checked = check_inputs(options)
     target, profile, out, splits, data_report = checked.target, checked.profile, checked.out, checked.splits, checked.data_report
     log(data_report.summary())
     for warning in data_report.warnings:
@@ -597,10 +597,10 @@ def build(options: BuildOptions, progress=None, log: Callable[[str], None] = pri
     return write_bundle(prep, final, outcomes)
 
 
-def dry_run(options: BuildOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+def dry_run(options: BuildOptions) -> dict[str, Any]:
     """The plan of a build, nothing run and no device contacted: its stages, which are cached, the
     model's parameter count and each stage's estimated peak memory and disk (edgeft.estimate)."""
-    checked = check_inputs(options, log)
+    checked = check_inputs(options)
     model_dir = Path(options.model) if options.model is not None else None
     if model_dir is None:
         from .demo.base import demo_base_dir, is_built

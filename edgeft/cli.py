@@ -144,7 +144,7 @@ def build(target, profile, model, data, device, lab, wait_s, out, trust_new_host
     if dry_run:
         from .build import dry_run as plan_build
 
-        plan = plan_build(options, log=log)
+        plan = plan_build(options)
         if as_json:
             click.echo(json.dumps(plan, indent=2))
         else:

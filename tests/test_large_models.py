@@ -134,7 +134,7 @@ def test_a_model_past_2gib_builds_ships_and_runs(tmp_path):
     data, _ = write_data("prompt_completion", tmp_path / "data", task_rows(24))
     profile = tmp_path / "big.yaml"
     profile.write_text(
-        "stages:\n  - export: {validation_examples: 2}\n  - quantize: {mode: int8-dynamic, validation_examples: 2, min_top1_agreement: 0}\n"
+        "stages:\n  - export: {validation_examples: 2}\n  - quantize: {mode: fp16, validation_examples: 2, min_top1_agreement: 0}\n"
         "eval: {metrics: [exact_match]}\n"
         "measure: {warmup_s: 0, min_s: 0, min_iters: 2, prompt_tokens: 8, decode_tokens: 4, first_token_runs: 1}\n"
         "budgets: {}\n")
@@ -150,14 +150,15 @@ def test_a_model_past_2gib_builds_ships_and_runs(tmp_path):
     assert set(sizes) == {"model.onnx", "model.onnx.data"} and sizes["model.onnx.data"] > 2 * GIB > sizes["model.onnx"]
     manifest = json.loads((out / "manifest.json").read_text())
     shipped = {name for name in manifest["files"] if name.startswith("model.onnx")}
-    assert shipped == {"model.onnx", "model.onnx.data"}  # int8: ~0.55 GB, yet the rule is the source's size
-    assert (out / "model.onnx.data").stat().st_size > 0.5e9
+    assert shipped == {"model.onnx", "model.onnx.data"}  # fp16: 1.09 GB of weights, still past the 1 GiB rule
+    assert (out / "model.onnx.data").stat().st_size > 1.07e9
 
     peaks = {s["name"]: s["peak_rss_bytes"] for s in report["stages"]}
-    # Each stage's own peak (the kernel's high-water mark, reset per stage): export holds one copy of the weights
-    # at a time (PyTorch's, then ONNX Runtime's); int8-dynamic is ONNX Runtime's quantizer, ~3-4x (README).
+    # Each stage's own peak (the kernel's high-water mark, reset per stage). Export holds one copy of the fp32
+    # weights at a time (PyTorch's, then ONNX Runtime's): 1.27x measured. fp16 holds the fp32 graph plus the
+    # converter's per-tensor copies, which are 1 GB each here: 3.1x measured (1.9x on the 1.1B, README).
     assert 2.1e9 < peaks["export"] < 1.6 * 2.18e9, peaks
-    assert peaks["quantize"] > 2.1e9 and peaks["quantize"] != peaks["export"], peaks
+    assert 2.1e9 < peaks["quantize"] < 4 * 2.18e9 and peaks["quantize"] != peaks["export"], peaks
     assert report["decode_tokens_per_s"] > 0 and report["smoke"]["passed"]
 
 
