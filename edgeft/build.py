@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import estimate, memory, pipeline
+from . import estimate, memory, onnx_io, pipeline
 from .artifact import Artifact, atomic_dir, cache_root, digest_of, hash_dir, write_atomic
 from .bundle import MEASUREMENT_FILES, assemble
 from .config import Budgets, Profile, Target, load_lab, load_profile, load_target
@@ -287,8 +287,9 @@ def memory_plan(planned: list[pipeline.PlannedStage], model_dir: Path | None, mo
     warning when the largest peak is above the memory free now. Reads only file headers."""
     params = None
     if model_dir is not None:
-        counted = estimate.safetensors_params(model_dir)
-        params = counted[0] if counted else (estimate.config_params(model_config) if model_config else None)
+        params = estimate.safetensors_params(model_dir)
+        if params is None and model_config:
+            params = estimate.config_params(model_config)
     stages = []
     for stage in planned:
         row: dict[str, Any] = {"name": stage.name}
@@ -481,7 +482,7 @@ def forgetting(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def model_summary(manifest: dict[str, Any], bundle_dir: Path) -> dict[str, Any]:
     """The manifest's model entry plus the size of its files (model.onnx and any external data)."""
-    size = sum(p.stat().st_size for p in bundle_dir.glob(f"{manifest['model']['file']}*"))
+    size = onnx_io.model_bytes(bundle_dir / manifest["model"]["file"])
     return {**manifest["model"], "size_bytes": size, "size_mb": round(size / 1e6, 3)}
 
 

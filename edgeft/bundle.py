@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, lm
+from . import __version__, lm, onnx_io
 from .artifact import Artifact, hash_dir
 from .config import Profile, Target
 from .data import Splits, encode
@@ -63,9 +63,7 @@ def assemble(
     from transformers import AutoTokenizer
 
     model_file = f"model.{final.kind}"
-    for item in final.path.iterdir():
-        if item.name.startswith(model_file):  # model.onnx and its external data, if any
-            shutil.copyfile(item, out / item.name)
+    onnx_io.copy(final.path / model_file, out / model_file)  # model.onnx and its external data, if any
     shutil.copytree(final.path / "tokenizer", out / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     options = runtime_options(target, final)

@@ -32,12 +32,12 @@ PEAK_FACTOR = {
 OUTPUT_FACTOR = {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 0.25, "int8-static": 0.27, "int8-weight": 0.27, "int4-weight": 0.21}
 
 
-def safetensors_params(model_dir: Path) -> tuple[int, int] | None:
-    """(parameters, bytes on disk) from the model's *.safetensors headers; None when it has none."""
+def safetensors_params(model_dir: Path) -> int | None:
+    """The parameter count from the model's *.safetensors headers; None when it has none."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         return None
-    params = size = 0
+    params = 0
     for path in files:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
@@ -48,8 +48,7 @@ def safetensors_params(model_dir: Path) -> tuple[int, int] | None:
                 for dim in tensor["shape"]:
                     count *= dim
                 params += count
-        size += path.stat().st_size
-    return params, size
+    return params
 
 
 def config_params(config: dict[str, Any]) -> int | None:

@@ -10,15 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
-def _status_kib(field: str, path: str = "/proc/self/status") -> int | None:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+from edgeft_runner.telemetry.system import proc_kib  # the runner's /proc reader (its own peak RSS reads VmHWM too)
 
 
 def reset_peak() -> bool:
@@ -37,7 +29,7 @@ def reset_peak() -> bool:
 def peak() -> dict[str, int]:
     """{"peak_rss_bytes": ..., "peak_gpu_bytes": ... (CUDA only)} since the last reset_peak()."""
     out = {}
-    kib = _status_kib("VmHWM")
+    kib = proc_kib("/proc/self/status", "VmHWM")
     if kib is not None:
         out["peak_rss_bytes"] = kib * 1024
     torch = sys.modules.get("torch")
@@ -48,5 +40,5 @@ def peak() -> dict[str, int]:
 
 def available_bytes() -> int | None:
     """What the kernel says can be allocated now without swapping (MemAvailable)."""
-    kib = _status_kib("MemAvailable", "/proc/meminfo")
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
     return None if kib is None else kib * 1024

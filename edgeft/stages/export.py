@@ -64,6 +64,11 @@ def model_shape(config) -> dict:
     }
 
 
+def weight_bytes(model) -> int:
+    """The bytes of a PyTorch model's parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def export_onnx(model, path, opset: int) -> None:
     import torch
 
@@ -90,8 +95,7 @@ def export_onnx(model, path, opset: int) -> None:
             _wrapper(model), args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
             input_names=names_in, output_names=names_out, report=False, verbose=False,
         )
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    program.save(str(path), external_data=onnx_io.needs_external_data(weight_bytes))
+    program.save(str(path), external_data=onnx_io.needs_external_data(weight_bytes(model)))
     # The program's initializers wrap the model's own tensors, and its graph outlives this call (something in
     # the exporter keeps it): unlink the tensors, so freeing the model frees its weights (a 1B model's 4 GB)
     # before ONNX Runtime loads its own copy.
@@ -137,9 +141,8 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
     if config.format == "tflite":
         from .. import tflite
 
-        weight_bytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())
-        if weight_bytes >= 2 << 30:
-            raise ModelError(f"{model.path}: {weight_bytes / 2**30:.1f} GiB of fp32 weights do not fit a TFLite flatbuffer (2 GiB at most); "
+        if weight_bytes(torch_model) >= 2 << 30:
+            raise ModelError(f"{model.path}: {weight_bytes(torch_model) / 2**30:.1f} GiB of fp32 weights do not fit a TFLite flatbuffer (2 GiB at most); "
                              "export this model for an ONNX target (jetson-orin, rpi5) or distill it to a smaller one first")
         if config.cache_tokens > shape["max_positions"]:
             raise ModelError(f"export cache_tokens {config.cache_tokens} exceeds the model's max_position_embeddings {shape['max_positions']}")

@@ -26,6 +26,15 @@ def _proc_fields(text: str) -> dict[str, str]:
     return fields
 
 
+def proc_kib(path: str, field: str) -> int | None:
+    """One "Field: N kB" value of a /proc file (status, meminfo) in KiB; None when absent or unreadable."""
+    value = _proc_fields(_read(path)).get(field)
+    try:
+        return int(value.split()[0]) if value else None
+    except (ValueError, IndexError):
+        return None
+
+
 def _kb_to_mb(value: str | None) -> float | None:
     # /proc reports "123456 kB"
     if not value:
