@@ -23,7 +23,8 @@ from sshd import start_lab
 ROOT = Path(__file__).resolve().parent.parent
 EDGEFT = [sys.executable, "-m", "edgeft.cli"]
 
-# A separate process that reserves a device, records when it held it, and (HOLD_S < 0) holds until killed.
+# A separate process that reserves a device, records when it held it, and (HOLD_S < 0) holds until killed,
+# or, given a release file, holds until that file appears (so a test can release it at a known moment).
 HOLDER = r"""
 import json, os, sys, time
 from pathlib import Path
@@ -32,20 +33,28 @@ import signal
 signal.signal(signal.SIGTERM, _terminated)
 from edgeft.device.reserve import reserve
 lab, name, hold_s, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
+release = Path(sys.argv[5]) if len(sys.argv) > 5 else None
 with reserve(name, lab_path=Path(lab), wait_s=60, log=lambda m: None) as r:
     acquired = time.time()
     print("READY", r.run_dir, flush=True)
     if hold_s < 0:
         while True:
             time.sleep(1)
-    time.sleep(hold_s)
+    if release is not None:
+        deadline = time.time() + hold_s
+        while not release.exists() and time.time() < deadline:
+            time.sleep(0.05)
+    else:
+        time.sleep(hold_s)
     released = time.time()
 out.write_text(json.dumps({"acquired": acquired, "released": released, "run_dir": r.run_dir, "pid": os.getpid()}))
 """
 
 
-def holder(lab_path: Path, name: str, hold_s: float, out: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLDER, str(lab_path), name, str(hold_s), str(out)], cwd=ROOT,
+def holder(lab_path: Path, name: str, hold_s: float, out: Path, env: dict | None = None,
+           release: Path | None = None) -> subprocess.Popen:
+    extra = [str(release)] if release is not None else []
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(lab_path), name, str(hold_s), str(out), *extra], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
@@ -308,15 +317,24 @@ def measure_on_a_shared_emulated_device(bundle: Path, tmp_path: Path) -> None:
         data = yaml.safe_load(lab.lab_path.read_text())
         data["devices"][0]["emulated"] = True
         lab.lab_path.write_text(yaml.safe_dump(data, sort_keys=False))
-        out = tmp_path / "first.json"
-        first = holder(lab.lab_path, "dev-0", 2.0, out)
+        out, release = tmp_path / "first.json", tmp_path / "release"
+        first = holder(lab.lab_path, "dev-0", 60, out, release=release)
         ready(first)
-        result = subprocess.run([*EDGEFT, "measure", str(bundle), "-d", "dev-0", "--lab", str(lab.lab_path), "--wait", "60", "--json"],
-                                capture_output=True, text=True, cwd=ROOT, timeout=300)
+        # The holder lets go only once measure says it waits: a slow start of the CLI cannot miss the wait.
+        measure = subprocess.Popen([*EDGEFT, "measure", str(bundle), "-d", "dev-0", "--lab", str(lab.lab_path), "--wait", "60", "--json"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        waiting = ""
+        for line in measure.stderr:
+            waiting += line
+            if "waiting up to" in line:
+                break
+        release.touch()
+        stdout, rest = measure.communicate(timeout=300)
+        stderr = waiting + rest
         assert first.wait(timeout=30) == 0
-        report = json.loads(result.stdout)
-        assert result.returncode == EXIT_BY_VERDICT[report["gate"]["verdict"]], result.stderr
-        assert "waiting up to" in result.stderr and "dev-0 held by" in result.stderr
+        report = json.loads(stdout)
+        assert measure.returncode == EXIT_BY_VERDICT[report["gate"]["verdict"]], stderr
+        assert "waiting up to" in stderr and "dev-0 held by" in stderr
         assert report["device"]["name"] == "dev-0" and report["device"]["emulated"] is True
         assert report["accuracy"]["device"] is not None
         workdir = lab.devices[0].workdir
