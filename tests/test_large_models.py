@@ -95,6 +95,64 @@ def test_every_quantize_mode_reads_and_writes_external_data(mode, exported_exter
         assert 0 < float(np.abs(got - expected).max()) < tolerance
 
 
+def test_int8_dynamic_writes_the_graph_ort_writes(exported_external, tmp_path):
+    """Shape inference on a weightless copy (infer_value_types) in place of ONNX Runtime's deep copy and
+    reload: the quantized graph is the same, node for node and byte for byte."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgeft.stages import quantize as quantize_stage
+
+    quantize_dynamic(str(exported_external), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8)
+    with quantize_stage._lean_dynamic_quantizer():
+        quantize_dynamic(str(exported_external), str(tmp_path / "lean.onnx"), weight_type=QuantType.QInt8)
+    ort, lean = (onnx.load(str(tmp_path / name)).graph for name in ("ort.onnx", "lean.onnx"))
+    assert len(lean.node) == len(ort.node) > 50
+    assert [n.SerializeToString() for n in lean.node] == [n.SerializeToString() for n in ort.node]
+    assert sorted(t.SerializeToString() for t in lean.initializer) == sorted(t.SerializeToString() for t in ort.initializer)
+    assert {v.name for v in lean.value_info} == {v.name for v in ort.value_info}
+
+
+# Quantizes argv[1] int8-dynamic in a fresh process and prints how much its peak RSS grew while doing it.
+INT8_PEAK = r"""
+import sys
+from pathlib import Path
+from edgeft.stages.quantize import QuantizeConfig, quantize
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+source = Path(sys.argv[1])
+(source.parent / "out").mkdir()
+before = hwm()
+quantize(source, source.parent / "out" / "model.onnx", QuantizeConfig(mode="int8-dynamic"))
+print(hwm() - before)
+"""
+
+
+def test_int8_dynamic_quantize_holds_the_weights_once(tmp_path):
+    """ONNX Runtime's own path holds three copies at its peak (3.2x the fp32 weights, measured here and on a
+    1.1B model); edgeft's holds the weights, their int8 form and one tensor's temporaries."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    dim, count = 4096, 8  # eight 4096x4096 fp32 MatMuls: 512 MiB
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((dim, dim), dtype=np.float32), f"w{i}") for i in range(count)]
+    nodes = [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(count)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["n", dim])],
+                              [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, ["n", dim])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "src.onnx"),
+              save_as_external_data=True, location="src.onnx.data")
+    del weights, graph
+    weight_bytes = count * dim * dim * 4
+    result = subprocess.run([sys.executable, "-c", INT8_PEAK, str(tmp_path / "src.onnx")], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    grew = int(result.stdout.split()[-1])
+    assert weight_bytes < grew < 2.4 * weight_bytes, grew / weight_bytes  # measured: 1.9x (ORT's path: 3.3x)
+    written = sum(f.stat().st_size for f in (tmp_path / "out").iterdir())
+    assert count * dim * dim < written < 1.01 * count * dim * dim  # the int8 weights, written out
+
+
 def test_small_models_stay_one_file(tmp_path):
     from edgeft import onnx_io
     from edgeft.stages.export import export_onnx
