@@ -19,14 +19,14 @@ LIBRARY_OVERHEAD = 0.7 * GB  # torch, transformers, onnxruntime and the interpre
 
 # Peak RSS per stage over W (fp32 weight bytes), after LIBRARY_OVERHEAD. Measured on a 2-core CPU with the
 # 1.1B model (W = 4.4 GB; bench/bench_big_models.py): finetune 6.33 GB, merge 6.50, export 5.29, quantize
-# int4 7.77, fp16 8.44, int8-dynamic 13.95. The others are estimates from how those stages hold their copies.
+# int4 7.77, fp16 8.44, int8-dynamic 7.49. The others are estimates from how those stages hold their copies.
 PEAK_FACTOR = {
     "finetune": {"qlora": 1.28, "lora": 1.35},  # both evaluate the fp32 base first; qlora then trains on 4 bits
     "merge": 1.32,
     "export": 1.04,  # PyTorch's weights, then ONNX Runtime's: one copy at a time
     "prune": 2.2,
     "distill": 2.6,  # teacher + student + the student's optimizer state
-    "quantize": {"fp32": 1.1, "fp16": 1.76, "int8-dynamic": 3.0, "int8-static": 3.2, "int4-weight": 1.61, "int8-weight": 1.6},
+    "quantize": {"fp32": 1.1, "fp16": 1.76, "int8-dynamic": 1.54, "int8-static": 3.2, "int4-weight": 1.61, "int8-weight": 1.6},
 }
 # The quantized model's size over W (int4: blocks of 32 with a scale; the embedding stays fp32).
 OUTPUT_FACTOR = {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 0.25, "int8-static": 0.27, "int8-weight": 0.27, "int4-weight": 0.21}
