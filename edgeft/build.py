@@ -22,6 +22,7 @@ from .flash.signing import load_private_key, sign_bundle
 from .gate import evaluate
 from .regression import regression_block
 from .report_html import render_report
+from .stages.export import FUSED_ARCHITECTURES, FUSED_RUNTIMES
 from .stages.finetune import check_max_length, load_tokenizer
 
 REPORT_FORMAT = "edgeft-report/1"
@@ -62,12 +63,24 @@ def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str,
     if fmt is not None and fmt != wanted:
         raise ConfigError(f"{where}: target {target.name} runs {target.runtime}, which needs a {wanted} model, "
                           f"but export writes {fmt}; set export format: {wanted} or pick another profile")
+    if exports and exports[-1].graph == "fused" and target.runtime not in FUSED_RUNTIMES:
+        raise ConfigError(f"{where}: export graph: fused runs on {', '.join(FUSED_RUNTIMES)} (GroupQueryAttention is ONNX Runtime's "
+                          f"own op), but target {target.name} runs {target.runtime}; set export graph: auto or generic")
     if target.runtime == "tensorrt" and quantizes and quantizes[-1].mode not in TENSORRT_PRECISIONS:
         raise ConfigError(f"{where}: TensorRT cannot run quantize mode {quantizes[-1].mode} (ONNX Runtime's own ops); "
                           f"use one of {', '.join(TENSORRT_PRECISIONS)}")
     if fmt == "tflite" and context_tokens and exports[-1].cache_tokens < context_tokens:
         raise ConfigError(f"{where}: export cache_tokens {exports[-1].cache_tokens} is below eval.context_tokens {context_tokens}, so the "
                           "TFLite model's general perplexity would not compare with the other stages'; raise one or lower the other")
+
+
+def check_fused_architecture(planned: list[pipeline.PlannedStage], model_config: dict[str, Any], model: Any, where: str) -> None:
+    """`export graph: fused` for a model the fused builder does not cover fails now, not after training."""
+    exports = [s.config for s in planned if s.name == "export"]
+    architecture = (model_config.get("architectures") or ["?"])[0]
+    if exports and exports[-1].graph == "fused" and architecture not in FUSED_ARCHITECTURES:
+        raise ConfigError(f"{where}: export graph: fused covers {', '.join(FUSED_ARCHITECTURES)}, but {model} is a {architecture}; "
+                          "set export graph: auto (the generic graph for it) or generic")
 
 
 def with_adapter(profile: Profile, adapter: str) -> Profile:
@@ -275,6 +288,7 @@ def check_inputs(options: BuildOptions) -> Checked:
     model_config = None
     if options.model is not None:
         model_config = check_model_dir(options.model)
+        check_fused_architecture(planned, model_config, options.model, str(profile.source))
         if options.adapter_dir is None:  # an --adapter-dir build runs no finetune stage
             check_model_fits(planned, Path(options.model), model_config, str(profile.source))
     splits = load_splits(options.data, profile.data)
@@ -620,7 +634,7 @@ def dry_run(options: BuildOptions) -> dict[str, Any]:
         if current is None or options.force:
             row["cached"] = False
             continue
-        entry = pipeline.entry_path(stage.name, pipeline.stage_key(stage, current, checked.splits.sha256, evaluation))
+        entry = pipeline.entry_path(stage.name, pipeline.stage_key(stage, current, checked.splits.sha256, evaluation, runtime=checked.target.runtime))
         row["cached"] = pipeline.is_complete(entry)
         current = Artifact.load(entry) if row["cached"] else None
     return {"target": checked.target.name, "profile": checked.profile.name, "model": str(model_dir) if model_dir else "demo (not built yet)",

@@ -123,22 +123,25 @@ def compute_device() -> str:
     return f"cuda:{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
 
 
-def resolved_settings(config: BaseModel) -> dict[str, Any]:
-    """What the config's `auto` settings resolved to here: a stage config defines `resolved()` for them."""
+def resolved_settings(config: BaseModel, runtime: str | None) -> dict[str, Any]:
+    """What the config's `auto` settings resolved to here, for a target of `runtime`: a stage config defines
+    `resolved(runtime)` for them."""
     resolved = getattr(config, "resolved", None)
-    return resolved() if callable(resolved) else {}
+    return resolved(runtime) if callable(resolved) else {}
 
 
 def stage_key(stage: PlannedStage, source: Artifact, data_sha256: str, evaluation: dict[str, Any] | None = None, *,
-              code: str | None = None, libraries: dict[str, str | None] | None = None, device: str | None = None) -> str:
-    """`evaluation`: what the stage's reported metrics depend on (edgeft.evaluate.eval_identity).
-    `code` (source_sha256), `libraries` (library_versions) and `device` (compute_device) default to this
-    installation's; pass them to ask what the key would be elsewhere."""
+              runtime: str | None = None, code: str | None = None, libraries: dict[str, str | None] | None = None,
+              device: str | None = None) -> str:
+    """`evaluation`: what the stage's reported metrics depend on (edgeft.evaluate.eval_identity); `runtime`:
+    the target's (export's `graph: auto` depends on it). `code` (source_sha256), `libraries`
+    (library_versions) and `device` (compute_device) default to this installation's; pass them to ask
+    what the key would be elsewhere."""
     return digest_of(
         {
             "stage": stage.name,
             "config": stage.config.model_dump(mode="json"),
-            "resolved": {"device": device or compute_device(), **resolved_settings(stage.config)},
+            "resolved": {"device": device or compute_device(), **resolved_settings(stage.config, runtime)},
             "input": source.sha256,
             "data": data_sha256,
             "stage_code": sha256_file(Path(stage.module.__file__)),  # the stage's own file, also when it lives outside edgeft
@@ -202,7 +205,7 @@ def run(stages: list[PlannedStage], ctx: BuildContext, force: bool = False, star
     outcomes = []
     evaluation = eval_identity(ctx.profile.eval)
     for stage in stages:
-        key = stage_key(stage, current, ctx.splits.sha256, evaluation)
+        key = stage_key(stage, current, ctx.splits.sha256, evaluation, runtime=ctx.target.runtime if ctx.target else None)
         final = entry_path(stage.name, key)
         started = time.perf_counter()
         if not force and is_complete(final):

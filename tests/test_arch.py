@@ -13,7 +13,7 @@ import pytest
 import tiny_models
 from edgeft import pipeline
 from edgeft.artifact import cache_root
-from edgeft.config import Profile
+from edgeft.config import Profile, load_target
 from edgeft.context import BuildContext
 from edgeft.data import DataConfig, encode, load_splits, training_rows
 
@@ -64,7 +64,7 @@ def datasets(tmp_path_factory):
 def _context(model_dir: Path, data: Path, data_section: dict, stages: list[dict]):
     profile = Profile(name="tiny", stages=stages, data=DataConfig(**data_section))
     splits = load_splits(data, profile.data)
-    ctx = BuildContext(base=pipeline.base_artifact(model_dir), splits=splits, target=None, profile=profile,
+    ctx = BuildContext(base=pipeline.base_artifact(model_dir), splits=splits, target=load_target("rpi5"), profile=profile,
                        out=cache_root(), log=lambda message: None, threads=1)
     return pipeline.plan(profile), ctx
 
@@ -156,6 +156,15 @@ def test_merge_and_onnx_export_match_pytorch(arch, models, datasets):
     assert metrics["export"]["export_max_abs_diff"] <= 1e-3
     merged_dir = cache_root() / "artifacts" / f"merge-{outcomes[1].key[:24]}"
     assert final.kind == "onnx" and final.info["num_layers"] == 2 and final.info["max_positions"] == 128
+    # Llama on an ONNX Runtime target gets the fused graph (export graph: auto); GPT-2 has no fused builder
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(final.path / "model.onnx"), load_external_data=False).graph.node}
+    if arch == "llama":
+        assert final.info["graph"] == "fused" and {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    else:
+        assert final.info["graph"] == "generic" and "GroupQueryAttention" not in ops
+        assert "GPT2LMHeadModel has no fused builder" in final.info["graph_reason"]
     tokenizer = load_tokenizer(merged_dir)
     prompt_ids, completion_ids = encode(tokenizer, ctx.splits.test[0])
     assert _onnx_vs_torch(final.path / "model.onnx", merged_dir, prompt_ids + completion_ids) <= 1e-3

@@ -114,8 +114,8 @@ def test_library_versions_and_resolved_auto_settings():
     expected_device = "cpu" if not torch.cuda.is_available() else f"cuda:{torch.cuda.get_device_name(0)}"
     assert pipeline.compute_device() == expected_device
     auto = "bfloat16" if torch.cuda.is_available() else "float32"
-    assert pipeline.resolved_settings(FinetuneConfig()) == {"compute_dtype": auto}
-    assert pipeline.resolved_settings(FinetuneConfig(compute_dtype="float32")) == {"compute_dtype": "float32"}
+    assert pipeline.resolved_settings(FinetuneConfig(), None) == {"compute_dtype": auto}
+    assert pipeline.resolved_settings(FinetuneConfig(compute_dtype="float32"), None) == {"compute_dtype": "float32"}
 
 
 # ------------------------------------------------------------------------------------ two builds, one entry

@@ -4,10 +4,24 @@
 I/O contract (batch 1), read by the runner: inputs `input_ids` [1, seq], `attention_mask` [1, past+seq],
 `past_key_values.{i}.key|value` [1, kv_heads, past, head_dim]; outputs `logits` [1, seq, vocab] and
 `present.{i}.key|value`. Validated against PyTorch on test-split rows (max |logit diff| <= atol).
+
+Two ONNX graphs (`graph`):
+- fused: onnxruntime-genai's model builder (run as a child process, offline) writes the form ONNX Runtime
+  runs fastest: SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, one packed QKV MatMul
+  per layer, GroupQueryAttention with the rotary embedding inside, which writes the new keys and values
+  into the cache it reads. The graph's metadata says `edgeft.kv_cache: in-place`, and the runner then
+  keeps one preallocated cache bound in and out (edgeft_runner.backends.onnxruntime). Llama-family
+  architectures (FUSED_ARCHITECTURES) on ONNX Runtime targets; TensorRT has none of these ops.
+- generic: torch.onnx (dynamo) of the model with eager attention, for every architecture and TensorRT.
+`auto` (the default) picks fused where it applies, generic elsewhere, and the artifact says which and why.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,10 +33,21 @@ from ..errors import ConfigError, ModelError, QualityCheckFailed
 from .. import lm, onnx_io
 
 
+# What onnxruntime-genai's builder turns into the fused graph (its Llama-family builders) and edgeft validates.
+FUSED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
+FUSED_RUNTIMES = ("onnxruntime",)  # TensorRT parses standard ONNX ops only: no GroupQueryAttention
+
+
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["onnx", "tflite"] = "onnx"  # onnx: ONNX Runtime and TensorRT targets; tflite: LiteRT
+    graph: Literal["auto", "fused", "generic"] = "auto"  # onnx: see the module docstring
+
+    def resolved(self, runtime: str | None = None) -> dict[str, str]:
+        """Part of the stage's cache key: `auto` exports another graph for a runtime without the fused ops
+        (the architecture, the other half of the choice, is in the input's key)."""
+        return {"graph": "generic" if self.graph == "auto" and runtime not in FUSED_RUNTIMES else self.graph}
     opset: int = Field(18, ge=18)  # onnx; the dynamo exporter fails an assertion at opset 17
     prefill_tokens: list[int] = Field([64], min_length=1)  # tflite: one prefill signature per length
     cache_tokens: int = Field(256, ge=2)  # tflite: the static KV cache (prompt + generated tokens)
@@ -103,6 +128,54 @@ def export_onnx(model, path, opset: int) -> None:
         value.const_value = None
 
 
+def choose_graph(config: ExportConfig, runtime: str, architecture: str | None) -> tuple[str, str]:
+    """("fused" | "generic", why) for an ONNX export; ConfigError when `graph: fused` cannot apply."""
+    if config.format != "onnx":
+        return "generic", f"format {config.format}"
+    if config.graph == "generic":
+        return "generic", "export graph: generic"
+    why_not = None
+    if runtime not in FUSED_RUNTIMES:
+        why_not = f"runtime {runtime} has no GroupQueryAttention (fused graphs run on {', '.join(FUSED_RUNTIMES)})"
+    elif architecture not in FUSED_ARCHITECTURES:
+        why_not = f"architecture {architecture} has no fused builder (those that do: {', '.join(FUSED_ARCHITECTURES)})"
+    if why_not is None:
+        return "fused", f"{architecture} on {runtime}"
+    if config.graph == "fused":
+        raise ConfigError(f"export graph: fused cannot apply: {why_not}; set export graph: auto or generic")
+    return "generic", why_not
+
+
+def export_fused(model_dir: Path, path: Path, shape: dict, threads: int) -> None:
+    """onnxruntime-genai's model builder, fp32 for CPU, offline, in a child process (its peak counts as the
+    stage's) -> `path` with the runner's metadata, saved by edgeft's one rule for external data."""
+    import onnx
+
+    from .. import memory
+
+    work = path.parent / ".builder"
+    shutil.rmtree(work, ignore_errors=True)
+    # Air-gapped labs: the builder reads the local model dir and must never try a hub.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    try:
+        result = memory.run_child([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir),
+                                   "-o", str(work / "out"), "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")], env=env)
+        if result.returncode != 0:
+            lines = [line for line in (result.stderr + result.stdout).strip().splitlines() if line.strip()]
+            raise ModelError(f"{model_dir}: onnxruntime-genai's model builder failed: {(lines or ['no output'])[-1][:300]}; "
+                             "set export graph: generic to export with torch.onnx instead")
+        model = onnx.load(str(work / "out" / "model.onnx"))
+        # The builder leaves head_dim symbolic (kv_cache_dim): the runner sizes its cache from the graph.
+        for value in [*model.graph.input, *model.graph.output]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param == "kv_cache_dim":
+                    dim.dim_value = shape["head_dim"]
+        onnx.helper.set_model_props(model, {"edgeft.graph": "fused", "edgeft.kv_cache": "in-place"})
+        onnx_io.save(model, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _validate_tflite(path, torch_model, tokenizer, examples, atol: float, threads: int) -> float:
     """Max |logit diff| vs PyTorch at the completion positions (prefill, then teacher-forced decode)."""
     import numpy as np
@@ -138,6 +211,8 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
     tokenizer = load_tokenizer(model.path)
     torch_model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
     shape = model_shape(torch_model.config)
+    architecture = (torch_model.config.architectures or [type(torch_model).__name__])[0]
+    graph, graph_reason = choose_graph(config, ctx.target.runtime if ctx.target else None, architecture)
     if config.format == "tflite":
         from .. import tflite
 
@@ -148,11 +223,22 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
             raise ModelError(f"export cache_tokens {config.cache_tokens} exceeds the model's max_position_embeddings {shape['max_positions']}")
         target_file, label = ctx.out / "model.tflite", "export TFLite (litert-torch)"
     else:
-        target_file, label = ctx.out / "model.onnx", "export ONNX"
+        target_file, label = ctx.out / "model.onnx", f"export ONNX ({graph} graph)"
+        ctx.log(f"export: {graph} graph ({graph_reason})")
+    examples = ctx.splits.test[: config.validation_examples]
+    rows = [sum(encode(tokenizer, e), []) for e in examples]
+    reference = None
+    if graph == "fused":  # PyTorch's logits first, then its weights go before the builder loads its own copy
+        with torch.no_grad():
+            reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
+        del torch_model
+        gc.collect()
     task = ctx.progress.add_task(label, total=None) if ctx.progress else None
     try:
         if config.format == "tflite":
             tflite.convert(model.path, target_file, config.prefill_tokens, config.cache_tokens)
+        elif graph == "fused":
+            export_fused(Path(model.path), target_file, shape, ctx.threads)
         else:
             export_onnx(torch_model, target_file, config.opset)
     except (ModelError, ConfigError):
@@ -163,22 +249,21 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
         if ctx.progress:
             ctx.progress.remove_task(task)
 
-    examples = ctx.splits.test[: config.validation_examples]
     if config.format == "tflite":
         max_abs_diff = _validate_tflite(target_file, torch_model, tokenizer, examples, config.atol, ctx.threads)
         info = {"format": "tflite", "cache_tokens": config.cache_tokens, "prefill_tokens": config.prefill_tokens}
         del torch_model
     else:
-        rows = [sum(encode(tokenizer, e), []) for e in examples]
-        with torch.no_grad():
-            reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
-        # One copy of the weights at a time: PyTorch's goes before ONNX Runtime loads its own (a 1B model is 4 GB
-        # each). Emptied in place: the exporter's leftovers still reference the model's tensors.
-        with torch.no_grad():
-            for tensor in [*torch_model.parameters(), *torch_model.buffers()]:
-                tensor.data = torch.empty(0, dtype=tensor.dtype)
-        del torch_model
-        gc.collect()
+        if reference is None:
+            with torch.no_grad():
+                reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
+            # One copy of the weights at a time: PyTorch's goes before ONNX Runtime loads its own (a 1B model is
+            # 4 GB each). Emptied in place: the exporter's leftovers still reference the model's tensors.
+            with torch.no_grad():
+                for tensor in [*torch_model.parameters(), *torch_model.buffers()]:
+                    tensor.data = torch.empty(0, dtype=tensor.dtype)
+            del torch_model
+            gc.collect()
         backend = lm.load(target_file, threads=ctx.threads, options={"pad_token_id": tokenizer.pad_token_id})
         max_abs_diff = max(float(np.abs(o - r).max()) for o, r in zip(lm.teacher_forced_logits(backend, rows), reference))
         if not max_abs_diff <= config.atol:
@@ -186,7 +271,10 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
                                      f"above export.atol {config.atol:g}; the exporter mis-traced this model: try another export.opset, "
                                      "or raise export.atol if the task accuracy still holds",
                                      check="export.max_abs_diff", value=max_abs_diff, limit=config.atol, setting="export.atol")
-        info = {"format": "onnx", "opset": config.opset, "external_data": len(onnx_io.model_files(target_file)) > 1}
+        info = {"format": "onnx", "graph": graph, "graph_reason": graph_reason,
+                "external_data": len(onnx_io.model_files(target_file)) > 1}
+        if graph == "generic":
+            info["opset"] = config.opset
     # The exported fp32 model through the runner's backend: the profile's eval metrics (edgeft.lm.stage_eval)
     if config.format == "tflite":
         backend = lm.load(target_file, threads=ctx.threads, options={"pad_token_id": tokenizer.pad_token_id})

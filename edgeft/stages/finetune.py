@@ -69,8 +69,8 @@ class FinetuneConfig(BaseModel):
             return self.compute_dtype
         return "bfloat16" if torch.cuda.is_available() else "float32"
 
-    def resolved(self) -> dict[str, str]:
-        """What `auto` resolved to on this machine (part of the stage's cache key)."""
+    def resolved(self, runtime: str | None = None) -> dict[str, str]:
+        """What `auto` resolved to on this machine (part of the stage's cache key); any target's the same."""
         return {"compute_dtype": self.resolved_dtype()}
 
 

@@ -42,6 +42,20 @@ class Backend:
         raise NotImplementedError
 
 
+class HeldPast:
+    """A KV cache held in a backend's own buffers (the GPU, or a preallocated cache updated in place): the
+    buffer set ("slot") holding it (None: the empty cache), its length in tokens, and the slot's write count
+    when it was made (a later write to the slot makes it stale: only the latest past continues)."""
+
+    __slots__ = ("slot", "length", "version")
+
+    def __init__(self, slot: int | None, length: int, version: int = 0):
+        self.slot, self.length, self.version = slot, length, version
+
+    def __repr__(self) -> str:
+        return f"HeldPast(slot={self.slot}, length={self.length}, version={self.version})"
+
+
 def _module(runtime: str):
     if runtime not in BACKEND_MODULES:
         raise RunnerError(f"unknown runtime {runtime!r} in the bundle (this runner knows {', '.join(BACKEND_MODULES)}); "

@@ -8,7 +8,7 @@ execute_async_v3); device memory, copies and timing go through the ctypes CUDA w
 
 The KV cache never leaves the GPU between steps: two cache slots are allocated at load for the
 engine's max_context, each step reads its past from one and writes its presents into the other
-(TensorRT cannot write an output over an input), and `past` is a DevicePast naming the slot. Per
+(TensorRT cannot write an output over an input), and `past` is a HeldPast naming the slot. Per
 token only the new ids go up and the logits come down, both through page-locked host memory; the
 attention mask is a device buffer of ones set once.
 """
@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import RunnerError
 from ..bundle import sha256_file
-from . import Backend
+from . import Backend, HeldPast
 from .cuda import CudaRuntime
 
 INSTALL_HINT = ("tensorrt Python module not found on this device: install JetPack's python3-libnvinfer "
@@ -254,19 +254,6 @@ def _first_line(text) -> str:
 
 # --- the backend ---------------------------------------------------------------------------------------
 
-class DevicePast:
-    """A KV cache on the GPU: the backend's cache slot holding it (None: the empty cache), its length in
-    tokens, and the slot's write count when it was made (a later write to the slot makes it stale)."""
-
-    __slots__ = ("slot", "length", "version")
-
-    def __init__(self, slot: int | None, length: int, version: int = 0):
-        self.slot, self.length, self.version = slot, length, version
-
-    def __repr__(self) -> str:
-        return f"DevicePast(slot={self.slot}, length={self.length}, version={self.version})"
-
-
 def next_slot(past_slot: int | None, last_written: int) -> int:
     """The slot a step writes its presents into: the one its past is not in (TensorRT cannot write an
     output over an input); from the empty cache, the one not written last (so the past made last stays)."""
@@ -386,12 +373,12 @@ class TensorRTBackend(Backend):
             self.cuda.stream_synchronize(self.stream)
             self.context.set_tensor_address("attention_mask", ptr)  # each step sets only its length
 
-    def empty_past(self) -> DevicePast:
-        return DevicePast(None, 0)
+    def empty_past(self) -> HeldPast:
+        return HeldPast(None, 0)
 
     def past_arrays(self, past) -> list[np.ndarray]:
         """The cache as numpy arrays [1, kv_heads, length, head_dim] (a copy from the GPU: for checks, not steps)."""
-        if not isinstance(past, DevicePast):
+        if not isinstance(past, HeldPast):
             return list(past)
         self._check_current(past)
         arrays = [np.empty((1, heads, past.length, dim), dtype=self.dtypes[name])
@@ -402,11 +389,11 @@ class TensorRTBackend(Backend):
             self.cuda.stream_synchronize(self.stream)
         return arrays
 
-    def forward(self, input_ids: np.ndarray, past) -> tuple[np.ndarray, DevicePast]:
-        """past: a DevicePast from empty_past / forward, or numpy arrays (copied to the GPU once)."""
+    def forward(self, input_ids: np.ndarray, past) -> tuple[np.ndarray, HeldPast]:
+        """past: a HeldPast from empty_past / forward, or numpy arrays (copied to the GPU once)."""
         input_ids = np.asarray(input_ids)
         seq = input_ids.shape[1]
-        past = self._check_current(past) if isinstance(past, DevicePast) else self._upload(past)
+        past = self._check_current(past) if isinstance(past, HeldPast) else self._upload(past)
         total = past.length + seq
         if total > self.max_context:
             raise RunnerError(f"tensorrt: {total} tokens exceed the engine's max_context {self.max_context}; "
@@ -450,16 +437,16 @@ class TensorRTBackend(Backend):
         self.device_compute_ms.append(self.cuda.event_elapsed_ms(self.event_start, self.event_end))
         # A copy the caller owns: the page-locked buffer is rewritten by the next step.
         logits = host.view(logits_dtype).reshape(shape).copy()
-        return logits, DevicePast(out_slot, total, self._versions[out_slot])
+        return logits, HeldPast(out_slot, total, self._versions[out_slot])
 
-    def _check_current(self, past: DevicePast) -> DevicePast:
+    def _check_current(self, past: HeldPast) -> HeldPast:
         if past.slot is not None and past.version != self._versions[past.slot]:
             raise RunnerError("tensorrt: this past was overwritten on the GPU by a later step: the backend keeps "
                               "two caches, and a past stays valid until a step that started from another past "
                               "writes over it; keep the latest past, or pass past_arrays(past) to start again")
         return past
 
-    def _upload(self, arrays) -> DevicePast:
+    def _upload(self, arrays) -> HeldPast:
         """numpy arrays as a past: copied into the slot not written last (once; the steps after stay on the GPU)."""
         if len(arrays) != len(self.past_names):
             raise RunnerError(f"tensorrt: past has {len(arrays)} tensors, the model takes {len(self.past_names)}")
@@ -470,14 +457,14 @@ class TensorRTBackend(Backend):
                 raise RunnerError(f"tensorrt: past {name} has shape {list(array.shape)}; expected "
                                   f"[1, {heads}, n, {dim}] with n < max_context {self.max_context}")
         if length == 0:
-            return DevicePast(None, 0)
+            return HeldPast(None, 0)
         slot = 1 - self._last_written
         for array, ptr in zip(arrays, self._slots[slot]):
             self.cuda.copy_to_device_async(ptr, array, self.stream)
         self.cuda.stream_synchronize(self.stream)
         self._versions[slot] += 1
         self._last_written = slot
-        return DevicePast(slot, length, self._versions[slot])
+        return HeldPast(slot, length, self._versions[slot])
 
     def _set_shape(self, name: str, shape: tuple) -> None:
         if self._shapes_set.get(name) == shape:
