@@ -192,7 +192,7 @@ def test_a_model_past_2gib_builds_ships_and_runs(tmp_path):
     data, _ = write_data("prompt_completion", tmp_path / "data", task_rows(24))
     profile = tmp_path / "big.yaml"
     profile.write_text(
-        "stages:\n  - export: {validation_examples: 2}\n  - quantize: {mode: fp16, validation_examples: 2, min_top1_agreement: 0}\n"
+        "stages:\n  - export: {graph: generic, validation_examples: 2}\n  - quantize: {mode: fp16, validation_examples: 2, min_top1_agreement: 0}\n"
         "eval: {metrics: [exact_match]}\n"
         "measure: {warmup_s: 0, min_s: 0, min_iters: 2, prompt_tokens: 8, decode_tokens: 4, first_token_runs: 1}\n"
         "budgets: {}\n")
