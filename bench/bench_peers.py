@@ -5,17 +5,20 @@ int4), three artifacts of the same weights:
 - edgeft fused: `export graph: fused` (onnxruntime-genai's builder, fp32) + edgeft's quantize stage, run by
   the runner's onnxruntime backend (in-place KV cache, IO binding);
 - edgeft generic: `export graph: generic` (torch.onnx) + the same quantize, the same backend;
-- genai: onnxruntime-genai's builder at that precision (`-p fp32|int8|int4 -e cpu`), run by its own
-  Generator (greedy).
-Each round times every artifact in a rotating order (a prefill of --prompt-tokens, then --decode-tokens
-one-token greedy steps, 1 thread); printed are medians over rounds and the per-round ratio edgeft/genai
-as median (min..max), so a noisy machine moves both sides of a ratio together. Peak RSS: each artifact
+- genai: onnxruntime-genai's builder at that precision (`-p fp32|int8|int4 -e cpu`; its int8 is 8-bit
+  weight-only MatMulNBits, which edgeft calls int8-weight: precision int8w compares those two, int8
+  compares edgeft's int8-dynamic with it), run by its own Generator (greedy).
+Each round times every artifact in a rotating order, --reps generations each (a prefill of --prompt-tokens,
+then --decode-tokens one-token greedy steps, 1 thread), keeping the fastest (on a shared machine, the one
+least disturbed); printed are medians over rounds and the per-round ratio edgeft/genai as median
+(min..max), so a noisy machine moves both sides of a ratio together. Every artifact must generate the
+same tokens as genai's of its precision (fp32 always; quantized ones where the quantizers agree). Peak RSS: each artifact
 once more in a fresh process (VmHWM after load + one generation). Also the one-core streaming bandwidth
-(numpy sum over 1 GB) and the share of it the best decode reaches (weight bytes read per token x tok/s).
+(numpy int64 sum over 1 GB) and the share of it the best decode reaches (weight bytes read per token x tok/s).
 
 Slow and torch-heavy (builds ~18 artifacts; the 220M model ~10 min on 2 cores): run it alone.
 
-Usage: .venv/bin/python bench/bench_peers.py [--models 20m 220m] [--precisions fp32 int8 int4] [--rounds 5]
+Usage: .venv/bin/python bench/bench_peers.py [--models 20m 220m] [--precisions fp32 int8 int8w int4] [--rounds 5]
        [--work /tmp/edgeft-peers] [--json out.json]
 """
 
@@ -40,7 +43,10 @@ MODELS = {  # random weights; GQA like the real small Llamas
     "220m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 14, "num_attention_heads": 16,
              "num_key_value_heads": 4, "vocab_size": 32000},
 }
-QUANTIZE_MODE = {"fp32": "fp32", "int8": "int8-dynamic", "int4": "int4-weight"}
+# precision -> edgeft's quantize mode, and genai's builder precision of the same kind: int8 is edgeft's dynamic
+# int8 (int8 compute) against genai's int8 (8-bit MatMulNBits, weight-only); int8w is the same kind on both.
+QUANTIZE_MODE = {"fp32": "fp32", "int8": "int8-dynamic", "int8w": "int8-weight", "int4": "int4-weight"}
+GENAI_PRECISION = {"fp32": "fp32", "int8": "int8", "int8w": "int8", "int4": "int4"}
 KINDS = ("fused", "generic", "genai")
 
 
@@ -94,11 +100,11 @@ def build_artifacts(hf: Path, work: Path, precisions: list[str]) -> dict[tuple[s
                 tmp.rename(out.parent)
             artifacts[(kind, precision)] = out
     for precision in precisions:
-        out = work / f"genai-{precision}"
+        out = work / f"genai-{GENAI_PRECISION[precision]}"
         if not (out / "genai_config.json").is_file():
             tmp = out.with_name(out.name + ".tmp")
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
-                            "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
+                            "-p", GENAI_PRECISION[precision], "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
                            capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             config = json.loads((tmp / "genai_config.json").read_text())
             options = config["model"]["decoder"].setdefault("session_options", {})
@@ -174,8 +180,9 @@ def peak_rss(kind: str, path: Path, prompt: np.ndarray, steps: int) -> int:
 
 
 def stream_gb_per_s() -> float:
-    """One core reading memory: numpy sum over 1 GB, best of 5."""
-    data = np.ones(1 << 28, dtype=np.float32)
+    """One core reading memory: numpy's int64 sum over 1 GB (the cheapest reduction numpy vectorises, so
+    the read is what limits it), best of 5."""
+    data = np.ones(1 << 27, dtype=np.int64)
     best = min(_timed(data.sum) for _ in range(5))
     return data.nbytes / best / 1e9
 
@@ -201,8 +208,9 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["20m", "220m"])
-    parser.add_argument("--precisions", nargs="+", choices=sorted(QUANTIZE_MODE), default=["fp32", "int8", "int4"])
+    parser.add_argument("--precisions", nargs="+", choices=sorted(QUANTIZE_MODE), default=["fp32", "int8", "int8w", "int4"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3, help="generations per artifact and round (the fastest counts)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgeft-peers"))
@@ -221,12 +229,18 @@ def main() -> None:
         for run in runs.values():
             run.generate(prompt, 4)  # warm: first-run allocations and thread pools
         samples = {key: [] for key in runs}
+        tokens = {}
         order = list(runs)
         for round_index in range(args.rounds):
             rotated = order[round_index % len(order):] + order[:round_index % len(order)]
             for key in rotated:
-                samples[key].append(runs[key].generate(prompt, args.decode_tokens)[:2])
+                generations = [runs[key].generate(prompt, args.decode_tokens) for _ in range(args.reps)]
+                samples[key].append((min(g[0] for g in generations), max(g[1] for g in generations)))
+                tokens[key] = generations[0][2]
         del runs
+        for kind in ("fused", "generic"):
+            if "fp32" in args.precisions and tokens[(kind, "fp32")] != tokens[("genai", "fp32")]:
+                sys.exit(f"error: {name}: edgeft {kind} fp32 generates other tokens than genai's fp32: the artifacts differ")
         print(f"\n{name} ({args.prompt_tokens}-token prompt, {args.decode_tokens} decode steps, 1 thread, {args.rounds} rounds)")
         print(f"{'precision':9s} {'artifact':8s} {'first ms':>9s} {'tok/s':>8s} {'peak RSS':>9s} {'weights':>9s} {'% stream':>8s}")
         model_results = {}
@@ -245,7 +259,8 @@ def main() -> None:
                 decode = [e[1] / g[1] for e, g in zip(samples[(kind, precision)], samples[("genai", precision)])]
                 first = [e[0] / g[0] for e, g in zip(samples[(kind, precision)], samples[("genai", precision)])]
                 model_results[f"{kind}-{precision}"]["vs_genai"] = {"decode": decode, "first_token": first}
-                print(f"  edgeft {kind} / genai, {precision}: decode tok/s {spread(decode)}, first-token time {spread(first)}")
+                same = "same tokens" if tokens[(kind, precision)] == tokens[("genai", precision)] else "other tokens"
+                print(f"  edgeft {kind} / genai, {precision}: decode tok/s {spread(decode)}, first-token time {spread(first)} ({same})")
         results["models"][name] = model_results
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -18,12 +18,13 @@ GB = 1e9
 LIBRARY_OVERHEAD = 0.7 * GB  # torch, transformers, onnxruntime and the interpreter, resident before any weights
 
 # Peak RSS per stage over W (fp32 weight bytes), after LIBRARY_OVERHEAD. Measured on a 2-core CPU with the
-# 1.1B model (W = 4.4 GB; bench/bench_big_models.py): finetune 6.33 GB, merge 6.50, export 5.29, quantize
+# 1.1B model (W = 4.4 GB; bench/bench_big_models.py): finetune 6.33 GB, merge 6.50, export 5.29 (generic graph;
+# the fused graph's builder child 6.17), quantize
 # int4 7.77, fp16 8.44, int8-dynamic 7.49. The others are estimates from how those stages hold their copies.
 PEAK_FACTOR = {
     "finetune": {"qlora": 1.28, "lora": 1.35},  # both evaluate the fp32 base first; qlora then trains on 4 bits
     "merge": 1.32,
-    "export": 1.04,  # PyTorch's weights, then ONNX Runtime's: one copy at a time
+    "export": 1.24,  # the fused graph's builder (generic: 1.04, PyTorch's weights, then ONNX Runtime's)
     "prune": 2.2,
     "distill": 2.6,  # teacher + student + the student's optimizer state
     "quantize": {"fp32": 1.1, "fp16": 1.76, "int8-dynamic": 1.54, "int8-static": 3.2, "int4-weight": 1.61, "int8-weight": 1.6},

@@ -2,7 +2,8 @@
 
 ONNX: fp16 (weights; inputs/outputs stay fp32: TensorRT builds an fp16 engine from it), int8 dynamic,
 int8 static (Q/DQ, symmetric, calibrated on the task data: what TensorRT's explicit-quantization path
-reads), int4 weight-only (MatMulNBits) or fp32 (a copy).
+reads), int8 or int4 weight-only (MatMulNBits, 8 or 4 bits) or fp32 (a copy). int8-dynamic computes in
+int8 (the fastest prefill on CPU); int8-weight reads int8 weights and computes like int4 (a faster decode).
 TFLite (ai-edge-quantizer): fp16 weights, int8-dynamic (dynamic-range), int8-weight (weight-only),
 int8-static (int8 weights and activations at the fully connected layers, calibrated on the task data), fp32.
 
@@ -30,7 +31,7 @@ DEFAULT_TOP1_AGREEMENT = {"fp32": 1.0, "fp16": 0.98, "int8-dynamic": 0.95, "int8
                           "int4-weight": 0.85}
 PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8-dynamic": "int8", "int8-weight": "int8-weight", "int8-static": "int8-static",
              "int4-weight": "int4"}
-MODES = {"onnx": ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"),
+MODES = {"onnx": ("fp32", "fp16", "int8-dynamic", "int8-static", "int8-weight", "int4-weight"),
          "tflite": ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-static")}
 
 
@@ -41,8 +42,8 @@ class QuantizeConfig(BaseModel):
     per_channel: bool = False  # int8: one scale per output channel (slower to quantize, often more accurate)
     calibration_samples: int = Field(32, ge=1)  # int8-static: training examples whose activations set the ranges
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # int8-static
-    block_size: int = Field(32, ge=16)  # int4: weights per scale
-    accuracy_level: int = Field(4, ge=0, le=4)  # int4: 4 = int8 activations in MatMulNBits, ~2x faster on CPU
+    block_size: int = Field(32, ge=16)  # int4, ONNX int8-weight: weights per scale
+    accuracy_level: int = Field(4, ge=0, le=4)  # int4, ONNX int8-weight: 4 = int8 activations in MatMulNBits, ~2x faster on CPU
     # int4: the token embedding (a Gather) in 4 bits too (GatherBlockQuantized); it stays fp32 otherwise and is
     # a large share of a small model (TinyLlama: 262 MB of 912 MB). int8-dynamic always quantizes it.
     embeddings: bool = False
@@ -181,7 +182,8 @@ def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(source)), bits=4, block_size=config.block_size, is_symmetric=True, accuracy_level=config.accuracy_level,
+            onnx.load(str(source)), bits=8 if config.mode == "int8-weight" else 4, block_size=config.block_size,
+            is_symmetric=True, accuracy_level=config.accuracy_level,
             op_types_to_quantize=("MatMul", "Gather") if config.embeddings else ("MatMul",),
         )
         quantizer.process()
