@@ -86,7 +86,7 @@ def build_artifacts(hf: Path, work: Path, precisions: list[str]) -> dict[tuple[s
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             if kind == "fused":
-                export_fused(hf, tmp / "model.onnx", model_shape(model.config))
+                export_fused(hf, tmp / "model.onnx", model_shape(model.config), threads=os.cpu_count() or 1)
             else:
                 export_onnx(model, tmp / "model.onnx", opset=18)
             tmp.rename(fp32.parent)

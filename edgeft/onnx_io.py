@@ -10,7 +10,6 @@ ONNX Runtime and TensorRT's parser resolve the data file from the model's direct
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 # Below 2 GiB with room for the graph: a model past this is written with its weights beside it.
@@ -77,21 +76,3 @@ def copy(source: Path, dest: Path) -> None:
     for path in model_files(source):
         shutil.copyfile(path, dest.parent / (dest.name + path.name[len(source.name):]))
 
-
-@contextmanager
-def ort_tools_logging_kept():
-    """ONNX Runtime's Python tools configure the root logger (the int4 quantizer calls
-    logging.basicConfig(INFO) on import, also when onnxruntime-genai's builder imports it; quantize_dynamic's
-    logging.warning() installs a stderr handler) and then print every INFO line and a "consider
-    pre-processing" warning: library noise. Whatever they change is put back after."""
-    import logging
-
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    if not handlers:
-        root.addHandler(logging.NullHandler())  # so logging.warning() finds a handler and configures nothing
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-        root.handlers[:] = handlers

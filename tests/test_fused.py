@@ -42,7 +42,7 @@ def llama(tmp_path_factory):
     with torch.no_grad():
         reference = model(input_ids=torch.tensor([ROW])).logits[0].numpy()
     (root / "fused").mkdir()
-    export_fused(hf, root / "fused" / "model.onnx", model_shape(model.config))
+    export_fused(hf, root / "fused" / "model.onnx", model_shape(model.config), threads=1)
     (root / "generic").mkdir()
     export_onnx(model, root / "generic" / "model.onnx", opset=18)
     return {"root": root, "hf": hf, "reference": reference, "fused": root / "fused" / "model.onnx",

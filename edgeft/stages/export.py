@@ -6,7 +6,7 @@ I/O contract (batch 1), read by the runner: inputs `input_ids` [1, seq], `attent
 `present.{i}.key|value`. Validated against PyTorch on test-split rows (max |logit diff| <= atol).
 
 Two ONNX graphs (`graph`):
-- fused: onnxruntime-genai's model builder (in-process, offline) writes the form ONNX Runtime
+- fused: onnxruntime-genai's model builder (run as a child process, offline) writes the form ONNX Runtime
   runs fastest: SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, one packed QKV MatMul
   per layer, GroupQueryAttention with the rotary embedding inside, which writes the new keys and values
   into the cache it reads. The graph's metadata says `edgeft.kv_cache: in-place`, and the runner then
@@ -18,7 +18,9 @@ Two ONNX graphs (`graph`):
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -144,39 +146,34 @@ def choose_graph(config: ExportConfig, runtime: str, architecture: str | None) -
     return "generic", why_not
 
 
-def export_fused(model_dir: Path, path: Path, shape: dict) -> None:
-    """onnxruntime-genai's model builder, fp32 for CPU, in this process (torch and transformers are loaded
-    already; a child process spent ~10 s importing them again) -> `path` with the runner's metadata, saved by
-    edgeft's one rule for external data. Offline: edgeft sets HF_HUB_OFFLINE and the builder reads a local dir."""
-    import contextlib
-    import io
-
+def export_fused(model_dir: Path, path: Path, shape: dict, threads: int) -> None:
+    """onnxruntime-genai's model builder, fp32 for CPU, offline, in a child process (its peak counts as the
+    stage's) -> `path` with the runner's metadata, saved by edgeft's one rule for external data."""
     import onnx
+
+    from .. import memory
 
     work = path.parent / ".builder"
     shutil.rmtree(work, ignore_errors=True)
-    chatter = io.StringIO()  # its prints and progress bars; the last line names a failure
+    # Air-gapped labs: the builder reads the local model dir and must never try a hub.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     try:
-        with onnx_io.ort_tools_logging_kept(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            from onnxruntime_genai.models import builder  # its package puts the builder's own modules on sys.path
-
-            args = (None, str(model_dir), str(work / "out"), "fp32", "cpu", str(work / "cache"))
-            builder.create_model(*args, **builder.parse_extra_options(*args, []))
+        result = memory.run_child([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir),
+                                   "-o", str(work / "out"), "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")], env=env)
+        if result.returncode != 0:
+            lines = [line for line in (result.stderr + result.stdout).strip().splitlines() if line.strip()]
+            raise ModelError(f"{model_dir}: onnxruntime-genai's model builder failed: {(lines or ['no output'])[-1][:300]}; "
+                             "set export graph: generic to export with torch.onnx instead")
         model = onnx.load(str(work / "out" / "model.onnx"))
-    except Exception as exc:  # the builder raises assorted types; the user needs its message and a way out
-        lines = [line for line in chatter.getvalue().splitlines() if line.strip()]
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else (lines or [type(exc).__name__])[-1]
-        raise ModelError(f"{model_dir}: onnxruntime-genai's model builder failed: {why[:300]}; "
-                         "set export graph: generic to export with torch.onnx instead") from exc
+        # The builder leaves head_dim symbolic (kv_cache_dim): the runner sizes its cache from the graph.
+        for value in [*model.graph.input, *model.graph.output]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param == "kv_cache_dim":
+                    dim.dim_value = shape["head_dim"]
+        onnx.helper.set_model_props(model, {"edgeft.graph": "fused", "edgeft.kv_cache": "in-place"})
+        onnx_io.save(model, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # The builder leaves head_dim symbolic (kv_cache_dim): the runner sizes its cache from the graph.
-    for value in [*model.graph.input, *model.graph.output]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param == "kv_cache_dim":
-                dim.dim_value = shape["head_dim"]
-    onnx.helper.set_model_props(model, {"edgeft.graph": "fused", "edgeft.kv_cache": "in-place"})
-    onnx_io.save(model, path)
 
 
 def _validate_tflite(path, torch_model, tokenizer, examples, atol: float, threads: int) -> float:
@@ -241,7 +238,7 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
         if config.format == "tflite":
             tflite.convert(model.path, target_file, config.prefill_tokens, config.cache_tokens)
         elif graph == "fused":
-            export_fused(Path(model.path), target_file, shape)
+            export_fused(Path(model.path), target_file, shape, ctx.threads)
         else:
             export_onnx(torch_model, target_file, config.opset)
     except (ModelError, ConfigError):

@@ -73,6 +73,24 @@ def calibration_feeds(model_path, rows: list[list[int]]) -> list[dict]:
     return feeds
 
 
+@contextmanager
+def _root_logging_kept():
+    """ONNX Runtime's quantizers configure the root logger (the int4 module calls logging.basicConfig(INFO) on
+    import; quantize_dynamic's logging.warning() installs a stderr handler) and then print every INFO line
+    and a "consider pre-processing" warning: library noise. Whatever they change is put back after."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    if not handlers:
+        root.addHandler(logging.NullHandler())  # so logging.warning() finds a handler and configures nothing
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
 # Initializers above this many bytes are left out of the copy that shape inference reads: weights. Smaller
 # ones (shape, axes and index constants that inference reads the values of) stay in it.
 SHAPE_INFERENCE_KEEPS_BYTES = 1 << 16
@@ -120,7 +138,7 @@ def quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[i
     # ORT's quantizers write one protobuf unless told: a large source gets external data out (and for
     # their temp models), whatever the mode shrinks it to.
     large = onnx_io.needs_external_data(onnx_io.model_bytes(source))
-    with onnx_io.ort_tools_logging_kept():
+    with _root_logging_kept():
         _quantize(source, dest, config, calibration_rows, large)
 
 
