@@ -256,7 +256,7 @@ class OnnxRuntimeBackend(Backend):
         if total > self._cache[0].shape[2]:
             self._length = length
             self._allocate_cache(max(total, 2 * self._cache[0].shape[2]))
-        bind, ort = self._bind, self._ort
+        bind = self._bind
         if seq == 1:
             self._token[0, 0] = input_ids[0, 0]
             bind.bind_ortvalue_input("input_ids", self._token_value)
