@@ -194,11 +194,10 @@ def _timed(fn) -> float:
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes of the artifact's weights read per decoded token (its files; the embedding is read one row a
-    token, so it is left out)."""
-    files = [p for p in (path.iterdir() if path.is_dir() else path.parent.iterdir()) if p.name.startswith("model.onnx")]
-    total = sum(p.stat().st_size for p in files)
-    return total
+    """Bytes of the artifact's model files: an upper bound of the weights read per decoded token (the
+    embedding is read one row a token)."""
+    folder = path if path.is_dir() else path.parent
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
 
 
 def spread(values: list[float]) -> str:

@@ -227,10 +227,10 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
         ctx.log(f"export: {graph} graph ({graph_reason})")
     examples = ctx.splits.test[: config.validation_examples]
     rows = [sum(encode(tokenizer, e), []) for e in examples]
-    reference = None
-    if graph == "fused":  # PyTorch's logits first, then its weights go before the builder loads its own copy
+    if config.format == "onnx":  # PyTorch's logits to check the graph against, taken before the export
         with torch.no_grad():
             reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
+    if graph == "fused":  # PyTorch's weights go before the builder loads its own copy
         del torch_model
         gc.collect()
     task = ctx.progress.add_task(label, total=None) if ctx.progress else None
@@ -254,9 +254,7 @@ def run(model: Artifact, config: ExportConfig, ctx: BuildContext) -> Artifact:
         info = {"format": "tflite", "cache_tokens": config.cache_tokens, "prefill_tokens": config.prefill_tokens}
         del torch_model
     else:
-        if reference is None:
-            with torch.no_grad():
-                reference = [torch_model(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows]
+        if graph == "generic":
             # One copy of the weights at a time: PyTorch's goes before ONNX Runtime loads its own (a 1B model is
             # 4 GB each). Emptied in place: the exporter's leftovers still reference the model's tensors.
             with torch.no_grad():
