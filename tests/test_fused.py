@@ -1,6 +1,7 @@
 """The fused ONNX graph (export graph: fused/auto): onnxruntime-genai's builder output for a real tiny Llama,
-driven by the runner's in-place KV cache, checked against PyTorch and against the generic export token by
-token; every quantize mode keeps it fused; the choice is refused early where it cannot apply."""
+Mistral, Qwen2, Qwen3 and Phi3, driven by the runner's in-place KV cache, checked against PyTorch (and Llama's
+against the generic export token by token); every quantize mode keeps it fused; the choice is refused early
+where it cannot apply."""
 
 from __future__ import annotations
 
@@ -107,6 +108,39 @@ def test_only_the_latest_past_continues(llama):
     want, _ = _backend(llama["generic"]).forward(np.asarray([ROW[:5]]), [np.zeros((1, 2, 0, 16), np.float32)] * 4)
     assert float(np.abs(again[0, -1] - want[0, -1]).max()) < 1e-4
     assert second.length == 5
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_every_fused_architecture_matches_pytorch(arch, tmp_path):
+    """Each architecture `auto` exports fused besides Llama (tiny, random, GQA): the builder's graph is fused, and
+    through the runner's in-place cache (a prefill, then one-token steps) its logits are PyTorch's, so greedy
+    decoding picks the same tokens. Qwen3 adds per-head q/k norms; Phi3 packs q, k and v (and gate and up)
+    into one weight."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.stages.export import FUSED_ARCHITECTURES, ExportConfig, choose_graph, export_fused, model_shape
+
+    hf = tiny_models.build(arch, tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    architecture = model.config.architectures[0]
+    assert architecture in FUSED_ARCHITECTURES and choose_graph(ExportConfig(), "onnxruntime", architecture)[0] == "fused"
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ROW])).logits[0].numpy()
+    export_fused(hf, tmp_path / "model.onnx", model_shape(model.config), threads=1)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops, ops
+    backend = _backend(tmp_path / "model.onnx", cache_tokens=4)
+    assert backend.in_place_cache
+    prefill, past = backend.forward(np.asarray([ROW[:5]]), backend.empty_past())
+    steps = [prefill[0]]
+    for token in ROW[5:]:
+        logits, past = backend.forward(np.asarray([[token]]), past)
+        steps.append(logits[0])
+    got = np.concatenate(steps)
+    assert float(np.abs(got - reference).max()) < 1e-4
+    assert got.argmax(-1).tolist() == reference.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "int8-weight", "int4-weight", "fp16"])

@@ -34,9 +34,10 @@ def tokenizer():
 
 
 def build(arch: str, out: Path, tok=None) -> Path:
-    """Save a randomly initialised tiny `arch` model (llama, gpt2, mistral, qwen2, phi) + tokenizer to `out`."""
+    """Save a randomly initialised tiny `arch` model (llama, gpt2, mistral, qwen2, qwen3, phi, phi3) + tokenizer to `out`."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, PhiConfig, Qwen2Config
+    from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, PhiConfig, Qwen2Config,
+                              Qwen3Config)
 
     tok = tok or tokenizer()
     ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
@@ -46,7 +47,9 @@ def build(arch: str, out: Path, tok=None) -> Path:
         "llama": lambda: LlamaConfig(**common, num_key_value_heads=2),
         "mistral": lambda: MistralConfig(**common, num_key_value_heads=2),
         "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2),
+        "qwen3": lambda: Qwen3Config(**common, num_key_value_heads=2, head_dim=16),
         "phi": lambda: PhiConfig(**common),
+        "phi3": lambda: Phi3Config(**common, num_key_value_heads=2, original_max_position_embeddings=128),  # 4k-style: no LongRoPE
         "gpt2": lambda: GPT2Config(**ids, n_embd=64, n_layer=2, n_head=4, n_positions=128),
     }
     torch.manual_seed(0)
