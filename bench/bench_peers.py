@@ -1,24 +1,32 @@
-"""edgeft's artifacts against onnxruntime-genai on the same saved model: decode tok/s, first token, peak RSS.
+"""edgeft's artifacts against onnxruntime-genai on the same saved model: decode tok/s, first token, peak RSS,
+agreement with fp32, and the share of one core's memory bandwidth a decode reaches.
 
-Per model (a ~20M and a ~220M random Llama, saved once as a Hugging Face dir), per precision (fp32, int8,
-int4), three artifacts of the same weights:
+Per model (a ~20M and a ~220M random Llama, saved once as a Hugging Face dir), per variant, artifacts of the
+same weights:
 - edgeft fused: `export graph: fused` (onnxruntime-genai's builder, fp32) + edgeft's quantize stage, run by
   the runner's onnxruntime backend (in-place KV cache, IO binding);
-- edgeft generic: `export graph: generic` (torch.onnx) + the same quantize, the same backend;
-- genai: onnxruntime-genai's builder at that precision (`-p fp32|int8|int4 -e cpu`; its int8 is 8-bit
-  weight-only MatMulNBits, which edgeft calls int8-weight: precision int8w compares those two, int8
-  compares edgeft's int8-dynamic with it), run by its own Generator (greedy).
+- edgeft generic: `export graph: generic` (torch.onnx) + the same quantize, the same backend (for the
+  variants genai also builds: fp32, int8, int8w, int4);
+- genai: onnxruntime-genai's builder at that precision (`-p fp32|int8|int4 -e cpu`: its int8 is 8-bit
+  weight-only MatMulNBits, which edgeft calls int8-weight; int4 and int8 in blocks of 32 weights, accuracy
+  level 4), run by its own Generator (greedy).
+Variants (VARIANTS): genai's own configurations (int8w, int4), edgeft's int8-dynamic (int8), and what genai's
+builder does not choose: blocks of 128 weights (-b128) and a mixed-precision output projection (-h4: int4
+lm_head under int8 blocks; -h8: int8 lm_head under int4 blocks).
 Each round times every artifact in a rotating order, --reps generations each (a prefill of --prompt-tokens,
 then --decode-tokens one-token greedy steps, 1 thread), keeping the fastest (on a shared machine, the one
 least disturbed); printed are medians over rounds and the per-round ratio edgeft/genai as median
-(min..max), so a noisy machine moves both sides of a ratio together. Every artifact must generate the
-same tokens as genai's of its precision (fp32 always; quantized ones where the quantizers agree). Peak RSS: each artifact
-once more in a fresh process (VmHWM after load + one generation). Also the one-core streaming bandwidth
-(numpy int64 sum over 1 GB) and the share of it the best decode reaches (weight bytes read per token x tok/s).
+(min..max), so a noisy machine moves both sides of a ratio together. edgeft's fp32 must generate genai's
+fp32 tokens. "top1": the share of prompt positions whose next-token argmax (teacher-forced prefill) equals
+the fp32 model's: random weights make logits nearly flat, so this is a harsh, relative measure of
+quantization error. Peak RSS: each artifact once more in a fresh process (VmHWM after load + one
+generation). Bandwidth: one core's streaming read (glibc memchr over 1 GiB of touched memory, best of 5);
+"% stream" is the bytes a decode step must read (every weight once, an embedding table one row) x tok/s
+over it.
 
-Slow and torch-heavy (builds ~18 artifacts; the 220M model ~10 min on 2 cores): run it alone.
+Slow and torch-heavy (the 220M model ~15 min on 2 cores): run it alone.
 
-Usage: .venv/bin/python bench/bench_peers.py [--models 20m 220m] [--precisions fp32 int8 int8w int4] [--rounds 5]
+Usage: .venv/bin/python bench/bench_peers.py [--models 20m 220m] [--variants fp32 int8 int4 int4-b128 ...] [--rounds 5]
        [--work /tmp/edgeft-peers] [--json out.json]
 """
 
@@ -43,11 +51,20 @@ MODELS = {  # random weights; GQA like the real small Llamas
     "220m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 14, "num_attention_heads": 16,
              "num_key_value_heads": 4, "vocab_size": 32000},
 }
-# precision -> edgeft's quantize mode, and genai's builder precision of the same kind: int8 is edgeft's dynamic
-# int8 (int8 compute) against genai's int8 (8-bit MatMulNBits, weight-only); int8w is the same kind on both.
-QUANTIZE_MODE = {"fp32": "fp32", "int8": "int8-dynamic", "int8w": "int8-weight", "int4": "int4-weight"}
-GENAI_PRECISION = {"fp32": "fp32", "int8": "int8", "int8w": "int8", "int4": "int4"}
-KINDS = ("fused", "generic", "genai")
+# variant -> edgeft's quantize settings, and genai's builder precision it is compared with: int8 is edgeft's
+# dynamic int8 (int8 compute) against genai's int8 (8-bit MatMulNBits, weight-only); int8w and int4 are genai's
+# own configurations; -b128 and -h4/-h8 are choices genai's builder does not make.
+VARIANTS = {
+    "fp32": ({"mode": "fp32"}, "fp32"),
+    "int8": ({"mode": "int8-dynamic"}, "int8"),
+    "int8w": ({"mode": "int8-weight"}, "int8"),
+    "int8w-b128": ({"mode": "int8-weight", "block_size": 128}, "int8"),
+    "int8w-b128-h4": ({"mode": "int8-weight", "block_size": 128, "lm_head": "int4"}, "int8"),
+    "int4": ({"mode": "int4-weight"}, "int4"),
+    "int4-b128": ({"mode": "int4-weight", "block_size": 128}, "int4"),
+    "int4-b128-h8": ({"mode": "int4-weight", "block_size": 128, "lm_head": "int8"}, "int4"),
+}
+GENERIC_TOO = ("fp32", "int8", "int8w", "int4")  # the generic export's rows: the variants genai also builds
 
 
 def make_model(name: str, out: Path) -> Path:
@@ -66,8 +83,9 @@ def make_model(name: str, out: Path) -> Path:
     return out
 
 
-def build_artifacts(hf: Path, work: Path, precisions: list[str]) -> dict[tuple[str, str], Path]:
-    """(kind, precision) -> the artifact (an .onnx for edgeft, a folder for genai); built once, reused."""
+def build_artifacts(hf: Path, work: Path, variants: list[str]) -> dict[tuple[str, str], Path]:
+    """(kind, variant) -> the artifact (an .onnx for edgeft, a folder for genai, keyed by genai's precision);
+    built once, reused."""
     import shutil
 
     import torch
@@ -90,21 +108,23 @@ def build_artifacts(hf: Path, work: Path, precisions: list[str]) -> dict[tuple[s
             else:
                 export_onnx(model, tmp / "model.onnx", opset=18)
             tmp.rename(fp32.parent)
-        for precision in precisions:
-            out = work / f"{kind}-{precision}" / "model.onnx"
+        for variant in variants:
+            if kind == "generic" and variant not in GENERIC_TOO:
+                continue
+            out = work / f"{kind}-{variant}" / "model.onnx"
             if not out.is_file():
                 tmp = out.parent.with_name(out.parent.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                quantize(fp32, tmp / "model.onnx", QuantizeConfig(mode=QUANTIZE_MODE[precision]))
+                quantize(fp32, tmp / "model.onnx", QuantizeConfig(**VARIANTS[variant][0]))
                 tmp.rename(out.parent)
-            artifacts[(kind, precision)] = out
-    for precision in precisions:
-        out = work / f"genai-{GENAI_PRECISION[precision]}"
+            artifacts[(kind, variant)] = out
+    for precision in sorted({VARIANTS[v][1] for v in variants} | {"fp32"}):
+        out = work / f"genai-{precision}"
         if not (out / "genai_config.json").is_file():
             tmp = out.with_name(out.name + ".tmp")
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
-                            "-p", GENAI_PRECISION[precision], "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
+                            "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
                            capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             config = json.loads((tmp / "genai_config.json").read_text())
             options = config["model"]["decoder"].setdefault("session_options", {})
@@ -113,6 +133,19 @@ def build_artifacts(hf: Path, work: Path, precisions: list[str]) -> dict[tuple[s
             tmp.rename(out)
         artifacts[("genai", precision)] = out
     return artifacts
+
+
+def prompt_logits(path: Path, prompt: np.ndarray, head_dim: int) -> np.ndarray:
+    """The artifact's logits at every prompt position, from an empty cache: plain ONNX Runtime on its
+    model.onnx (edgeft's and genai's graphs take the same inputs)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path / "model.onnx" if path.is_dir() else path), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values"):
+            feed[value.name] = np.zeros((1, value.shape[1], 0, head_dim), np.float32)
+    return session.run(["logits"], feed)[0][0]
 
 
 class EdgeftRun:
@@ -180,10 +213,15 @@ def peak_rss(kind: str, path: Path, prompt: np.ndarray, steps: int) -> int:
 
 
 def stream_gb_per_s() -> float:
-    """One core reading memory: numpy's int64 sum over 1 GB (the cheapest reduction numpy vectorises, so
-    the read is what limits it), best of 5."""
-    data = np.ones(1 << 27, dtype=np.int64)
-    best = min(_timed(data.sum) for _ in range(5))
+    """One core reading memory: glibc's memchr (vectorised, one compare per 32-64 bytes, so the read is what
+    limits it) over 1 GiB for a byte that is not there, best of 5. The buffer is written first: untouched
+    pages all map to one zero page, which reads from cache at ~70 GB/s."""
+    import ctypes
+
+    memchr = ctypes.CDLL(None).memchr
+    memchr.restype, memchr.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    data = np.full(1 << 30, 7, dtype=np.uint8)
+    best = min(_timed(lambda: memchr(data.ctypes.data, 1, data.nbytes)) for _ in range(5))
     return data.nbytes / best / 1e9
 
 
@@ -193,11 +231,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def weight_bytes(path: Path) -> int:
-    """Bytes of the artifact's model files: an upper bound of the weights read per decoded token (the
-    embedding is read one row a token)."""
-    folder = path if path.is_dir() else path.parent
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+def weight_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of the artifact's weights, bytes a decode step reads): every initializer once, but a table only
+    a Gather reads (the token embedding) one row a token."""
+    import onnx
+
+    model = onnx.load(str(path / "model.onnx" if path.is_dir() else path))
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    total = read = 0
+    for tensor in model.graph.initializer:
+        size = len(tensor.raw_data) if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).nbytes
+        total += size
+        read += size // tensor.dims[0] if readers.get(tensor.name) in ({"Gather"}, {"GatherBlockQuantized"}) else size
+    return total, read
 
 
 def spread(values: list[float]) -> str:
@@ -207,7 +256,7 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["20m", "220m"])
-    parser.add_argument("--precisions", nargs="+", choices=sorted(QUANTIZE_MODE), default=["fp32", "int8", "int8w", "int4"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=3, help="generations per artifact and round (the fastest counts)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -222,44 +271,54 @@ def main() -> None:
     for name in args.models:
         work = args.work / name
         hf = make_model(name, work / "hf")
-        artifacts = build_artifacts(hf, work, args.precisions)
+        artifacts = build_artifacts(hf, work, args.variants)
         prompt = (np.arange(args.prompt_tokens, dtype=np.int64)[None] * 7 + 3) % 300
-        runs = {key: (GenaiRun(path) if key[0] == "genai" else EdgeftRun(path)) for key, path in artifacts.items()}
+        head_dim = MODELS[name]["hidden_size"] // MODELS[name]["num_attention_heads"]
+        reference = prompt_logits(artifacts[("genai", "fp32")], prompt, head_dim).argmax(-1)
+        top1 = {key: float((prompt_logits(path, prompt, head_dim).argmax(-1) == reference).mean()) for key, path in artifacts.items()}
+        timed = [key for key in artifacts if key != ("genai", "fp32") or "fp32" in args.variants]
+        runs = {key: (GenaiRun(artifacts[key]) if key[0] == "genai" else EdgeftRun(artifacts[key])) for key in timed}
         for run in runs.values():
             run.generate(prompt, 4)  # warm: first-run allocations and thread pools
         samples = {key: [] for key in runs}
         tokens = {}
-        order = list(runs)
         for round_index in range(args.rounds):
-            rotated = order[round_index % len(order):] + order[:round_index % len(order)]
+            rotated = timed[round_index % len(timed):] + timed[:round_index % len(timed)]
             for key in rotated:
                 generations = [runs[key].generate(prompt, args.decode_tokens) for _ in range(args.reps)]
                 samples[key].append((min(g[0] for g in generations), max(g[1] for g in generations)))
                 tokens[key] = generations[0][2]
         del runs
         for kind in ("fused", "generic"):
-            if "fp32" in args.precisions and tokens[(kind, "fp32")] != tokens[("genai", "fp32")]:
+            if "fp32" in args.variants and tokens[(kind, "fp32")] != tokens[("genai", "fp32")]:
                 sys.exit(f"error: {name}: edgeft {kind} fp32 generates other tokens than genai's fp32: the artifacts differ")
         print(f"\n{name} ({args.prompt_tokens}-token prompt, {args.decode_tokens} decode steps, 1 thread, {args.rounds} rounds)")
-        print(f"{'precision':9s} {'artifact':8s} {'first ms':>9s} {'tok/s':>8s} {'peak RSS':>9s} {'weights':>9s} {'% stream':>8s}")
+        print(f"{'variant':13s} {'artifact':8s} {'first ms':>9s} {'tok/s':>8s} {'top1':>5s} {'peak RSS':>9s} {'weights':>9s} "
+              f"{'read/tok':>9s} {'% stream':>8s}")
         model_results = {}
-        for precision in args.precisions:
-            for kind in KINDS:
-                key = (kind, precision)
-                first = float(np.median([s[0] for s in samples[key]]))
-                rate = float(np.median([s[1] for s in samples[key]]))
-                rss = peak_rss(kind, artifacts[key], prompt, 8)
-                weights = weight_bytes(artifacts[key])
-                share = weights * rate / (bandwidth * 1e9) * 100
-                model_results[f"{kind}-{precision}"] = {"first_token_ms": first, "decode_tokens_per_s": rate,
-                                                        "peak_rss_bytes": rss, "weight_bytes": weights, "stream_percent": share}
-                print(f"{precision:9s} {kind:8s} {first:9.2f} {rate:8.1f} {rss / 1e6:7.0f}MB {weights / 1e6:7.1f}MB {share:7.0f}%")
-            for kind in ("fused", "generic"):
-                decode = [e[1] / g[1] for e, g in zip(samples[(kind, precision)], samples[("genai", precision)])]
-                first = [e[0] / g[0] for e, g in zip(samples[(kind, precision)], samples[("genai", precision)])]
-                model_results[f"{kind}-{precision}"]["vs_genai"] = {"decode": decode, "first_token": first}
-                same = "same tokens" if tokens[(kind, precision)] == tokens[("genai", precision)] else "other tokens"
-                print(f"  edgeft {kind} / genai, {precision}: decode tok/s {spread(decode)}, first-token time {spread(first)} ({same})")
+        for variant in args.variants:
+            genai = ("genai", VARIANTS[variant][1])
+            keys = [k for k in (("fused", variant), ("generic", variant), genai) if k in samples]
+            for key in keys:
+                label = f"{key[0]}-{key[1]}"
+                if label not in model_results:
+                    first = float(np.median([s[0] for s in samples[key]]))
+                    rate = float(np.median([s[1] for s in samples[key]]))
+                    total, read = weight_bytes(artifacts[key])
+                    model_results[label] = {"first_token_ms": first, "decode_tokens_per_s": rate, "top1_vs_fp32": top1[key],
+                                            "peak_rss_bytes": peak_rss(key[0], artifacts[key], prompt, 8), "weight_bytes": total,
+                                            "read_bytes_per_token": read, "stream_percent": read * rate / (bandwidth * 1e9) * 100}
+                row = model_results[label]
+                print(f"{variant if key[0] != 'genai' else '':13s} {key[0]:8s} {row['first_token_ms']:9.2f} {row['decode_tokens_per_s']:8.1f} "
+                      f"{row['top1_vs_fp32']:5.2f} {row['peak_rss_bytes'] / 1e6:7.0f}MB {row['weight_bytes'] / 1e6:7.1f}MB "
+                      f"{row['read_bytes_per_token'] / 1e6:7.1f}MB {row['stream_percent']:7.0f}%")
+            for key in keys[:-1]:
+                decode = [e[1] / g[1] for e, g in zip(samples[key], samples[genai])]
+                first = [e[0] / g[0] for e, g in zip(samples[key], samples[genai])]
+                model_results[f"{key[0]}-{variant}"]["vs_genai"] = {"decode": decode, "first_token": first}
+                same = "same tokens" if tokens[key] == tokens[genai] else "other tokens"
+                print(f"  edgeft {key[0]} {variant} / genai {genai[1]}: decode tok/s {spread(decode)}, "
+                      f"first-token time {spread(first)} ({same})")
         results["models"][name] = model_results
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

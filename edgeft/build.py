@@ -24,6 +24,7 @@ from .regression import regression_block
 from .report_html import render_report
 from .stages.export import FUSED_ARCHITECTURES, FUSED_RUNTIMES
 from .stages.finetune import check_max_length, load_tokenizer
+from .stages.quantize import MODES as QUANTIZE_MODES
 
 REPORT_FORMAT = "edgeft-report/1"
 # The exported model each runtime loads, and the precisions it can run.
@@ -66,6 +67,9 @@ def check_plan(planned: list[pipeline.PlannedStage], target: Target, where: str,
     if exports and exports[-1].graph == "fused" and target.runtime not in FUSED_RUNTIMES:
         raise ConfigError(f"{where}: export graph: fused runs on {', '.join(FUSED_RUNTIMES)} (GroupQueryAttention is ONNX Runtime's "
                           f"own op), but target {target.name} runs {target.runtime}; set export graph: auto or generic")
+    if fmt is not None and quantizes and quantizes[-1].mode not in QUANTIZE_MODES[fmt]:
+        raise ConfigError(f"{where}: quantize mode {quantizes[-1].mode} does not apply to {fmt} models; "
+                          f"use one of {', '.join(QUANTIZE_MODES[fmt])}")
     if target.runtime == "tensorrt" and quantizes and quantizes[-1].mode not in TENSORRT_PRECISIONS:
         raise ConfigError(f"{where}: TensorRT cannot run quantize mode {quantizes[-1].mode} (ONNX Runtime's own ops); "
                           f"use one of {', '.join(TENSORRT_PRECISIONS)}")

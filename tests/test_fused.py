@@ -167,6 +167,38 @@ def test_every_quantize_mode_keeps_the_fused_graph(mode, llama, tmp_path):
     assert 0 < error < {"fp16": 0.01, "int8-dynamic": 0.1, "int8-static": 0.2, "int8-weight": 0.05, "int4-weight": 0.2}[mode], error
 
 
+@pytest.mark.parametrize("graph", ["fused", "generic"])
+def test_output_projection_takes_its_own_precision(graph, llama, tmp_path):
+    """quantize lm_head: the MatMul that computes the logits gets its own bit width (or stays fp32), every other
+    MatMul the mode's; each model's size follows, and its logits stay near PyTorch's."""
+    import onnx
+
+    from edgeft.stages.quantize import QuantizeConfig, output_projection, quantize
+
+    head = output_projection(onnx.load(str(llama[graph]), load_external_data=False))
+    sizes = {}
+    for mode, lm_head, head_bits, block_bits in [("int4-weight", "same", 4, 4), ("int4-weight", "int8", 8, 4),
+                                                  ("int4-weight", "fp32", None, 4), ("int8-weight", "int4", 4, 8)]:
+        out = tmp_path / f"{mode}-{lm_head}" / "model.onnx"
+        out.parent.mkdir()
+        quantize(llama[graph], out, QuantizeConfig(mode=mode, lm_head=lm_head))
+        model = onnx.load(str(out))
+        bits = {node.name: next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "bits"), None)
+                for node in model.graph.node if node.op_type in ("MatMul", "MatMulNBits")}
+        head_node = output_projection(model)
+        assert head_node == head + (f"_Q{head_bits}" if head_bits else "")
+        assert bits.pop(head_node) == head_bits
+        assert {b for b in bits.values() if b} == {block_bits}  # attention's own MatMuls (generic) have no weight
+        sizes[mode, lm_head] = out.stat().st_size
+        backend = _backend(out)
+        logits, _ = backend.forward(np.asarray([ROW]), backend.empty_past())
+        assert float(np.abs(logits[0] - llama["reference"]).max()) < 0.3
+    # the head is 64 x 327 weights: 4 bits < 8 bits < 32 bits, everything else equal; fp32 costs ~3.4 bytes a weight more
+    assert sizes["int4-weight", "same"] < sizes["int4-weight", "int8"] < sizes["int4-weight", "fp32"]
+    assert 3.0 < (sizes["int4-weight", "fp32"] - sizes["int4-weight", "same"]) / (64 * 327) < 3.6
+    assert sizes["int8-weight", "int4"] > sizes["int4-weight", "int8"]  # the blocks outweigh the head
+
+
 def test_fused_is_refused_where_it_cannot_apply(tmp_path):
     from edgeft import pipeline
     from edgeft.build import check_fused_architecture, check_plan
@@ -178,6 +210,11 @@ def test_fused_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="graph: fused runs on onnxruntime.*target jetson-orin runs tensorrt"):
         check_plan(planned, load_target("jetson-orin"), "p.yaml")
     check_plan(planned, load_target("rpi5"), "p.yaml")
+    tflite = pipeline.plan(Profile(name="p", stages=[{"export": {"format": "tflite"}}, {"quantize": {"mode": "int4-weight"}}]))
+    with pytest.raises(ConfigError, match="quantize mode int4-weight does not apply to tflite models; use one of fp32, fp16"):
+        check_plan(tflite, load_target("android-arm64"), "p.yaml")
+    with pytest.raises(ConfigError, match="lm_head: int8 applies to modes int4-weight and int8-weight, not int8-dynamic"):
+        pipeline.plan(Profile(name="p", stages=[{"export": {}}, {"quantize": {"mode": "int8-dynamic", "lm_head": "int8"}}]))
     with pytest.raises(ConfigError, match="GPT2LMHeadModel; set export graph: auto"):
         check_fused_architecture(planned, {"architectures": ["GPT2LMHeadModel"]}, "m", "p.yaml")
     # auto: fused only for a covered architecture on ONNX Runtime, and the key says which runtime it was for

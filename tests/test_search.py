@@ -85,3 +85,25 @@ def test_search_with_impossible_budgets_exits_1_naming_the_closest(demo_build, r
     page = (tmp_path / "impossible.search.html").read_text()
     assert page.count('<tr class="candidate">') == len(CANDIDATES) and "nothing chosen" in page
     assert page.count("<svg") == 1 and all(name in page for name in CANDIDATES)
+
+
+def test_default_candidates_are_those_the_target_runs():
+    """No search section: every default candidate after the profile's shared stages, less what the target's runtime
+    cannot run, each left out with its reason; a target none of them fits is told to declare its own."""
+    import pytest
+
+    from edgeft.config import load_target
+    from edgeft.errors import ConfigError
+    from edgeft.search import DEFAULT_CANDIDATES, default_candidates, shared_prefix
+
+    profile = load_profile("arm-int8")
+    prefix = shared_prefix(profile)
+    assert [c.name for c in default_candidates(profile, prefix, load_target("rpi5"), print)] == list(DEFAULT_CANDIDATES)
+    logged = []
+    jetson = default_candidates(profile, prefix, load_target("jetson-orin"), logged.append)
+    assert [c.name for c in jetson] == ["fp32", "fp16", "int8-static"]
+    assert [s.name for s in jetson[1].stages] == ["finetune", "merge", "export", "quantize"]
+    assert len(logged) == len(DEFAULT_CANDIDATES) - 3
+    assert "candidate int4-b128: left out: candidate int4-b128: TensorRT cannot run quantize mode int4-weight" in "\n".join(logged)
+    with pytest.raises(ConfigError, match="none of the default search candidates runs on target android-arm64 .tflite.; declare search.candidates"):
+        default_candidates(profile, prefix, load_target("android-arm64"), logged.append)

@@ -4,6 +4,8 @@ ONNX: fp16 (weights; inputs/outputs stay fp32: TensorRT builds an fp16 engine fr
 int8 static (Q/DQ, symmetric, calibrated on the task data: what TensorRT's explicit-quantization path
 reads), int8 or int4 weight-only (MatMulNBits, 8 or 4 bits) or fp32 (a copy). int8-dynamic computes in
 int8 (the fastest prefill on CPU); int8-weight reads int8 weights and computes like int4 (a faster decode).
+Weight-only modes can give the output projection (lm_head, a large share of a small model) its own
+precision: int8 for accuracy under int4 blocks, int4 for speed under int8 blocks, or fp32.
 TFLite (ai-edge-quantizer): fp16 weights, int8-dynamic (dynamic-range), int8-weight (weight-only),
 int8-static (int8 weights and activations at the fully connected layers, calibrated on the task data), fp32.
 
@@ -47,6 +49,9 @@ class QuantizeConfig(BaseModel):
     # int4: the token embedding (a Gather) in 4 bits too (GatherBlockQuantized); it stays fp32 otherwise and is
     # a large share of a small model (TinyLlama: 262 MB of 912 MB). int8-dynamic always quantizes it.
     embeddings: bool = False
+    # int4-weight, int8-weight: the output projection's precision ("same": the mode's). Mixed precision: int4
+    # blocks with an int8 lm_head keep the next-token scores closer to fp32; int8 blocks with an int4 one decode faster.
+    lm_head: Literal["same", "int8", "int4", "fp32"] = "same"
     min_top1_agreement: float | None = Field(None, ge=0, le=1)  # None: the per-precision default above
     validation_examples: int = Field(16, ge=1)
 
@@ -54,7 +59,19 @@ class QuantizeConfig(BaseModel):
     def _embeddings_with_int4(self) -> "QuantizeConfig":
         if self.embeddings and self.mode != "int4-weight":
             raise ValueError(f"embeddings: true applies to mode int4-weight (mode {self.mode} keeps or always quantizes the embedding)")
+        if self.lm_head != "same" and self.mode not in ("int4-weight", "int8-weight"):
+            raise ValueError(f"lm_head: {self.lm_head} applies to modes int4-weight and int8-weight, not {self.mode}")
         return self
+
+    @property
+    def bits(self) -> int:
+        """Weight-only modes: bits of the blocks' MatMulNBits."""
+        return 8 if self.mode == "int8-weight" else 4
+
+    @property
+    def lm_head_bits(self) -> int | None:
+        """Weight-only modes: bits of the output projection's MatMulNBits; None keeps it fp32."""
+        return {"same": self.bits, "int8": 8, "int4": 4, "fp32": None}[self.lm_head]
 
 
 def calibration_feeds(model_path, rows: list[list[int]]) -> list[dict]:
@@ -181,13 +198,39 @@ def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[
 
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(source)), bits=8 if config.mode == "int8-weight" else 4, block_size=config.block_size,
-            is_symmetric=True, accuracy_level=config.accuracy_level,
-            op_types_to_quantize=("MatMul", "Gather") if config.embeddings else ("MatMul",),
-        )
-        quantizer.process()
-        onnx_io.save(quantizer.model.model, dest)
+        model = onnx.load(str(source))
+        head = output_projection(model) if config.lm_head_bits != config.bits else None
+
+        def weight_only(model, bits: int, **nodes):
+            quantizer = MatMulNBitsQuantizer(
+                model, bits=bits, block_size=config.block_size, is_symmetric=True, accuracy_level=config.accuracy_level,
+                op_types_to_quantize=("MatMul", "Gather") if config.embeddings else ("MatMul",), **nodes)
+            quantizer.process()
+            return quantizer.model.model
+
+        # ORT's default quantizer has one bit width per call: a mixed model is the blocks, then the head alone.
+        model = weight_only(model, config.bits, nodes_to_exclude=[head] if head else None)
+        if head and config.lm_head_bits:
+            model = weight_only(model, config.lm_head_bits, nodes_to_include=[head])
+        onnx_io.save(model, dest)
+
+
+# Ops between the output projection and the logits output in the graphs edgeft exports.
+_PASS_THROUGH = ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze")
+
+
+def output_projection(model) -> str:
+    """The name of the MatMul (or MatMulNBits, once quantized) that computes the `logits` output: the lm_head.
+    Named if it had no name (ORT's quantizers pick nodes by name)."""
+    producer = {output: node for node in model.graph.node for output in node.output}
+    node = producer.get("logits")
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
+        raise ModelError("quantize lm_head: no MatMul computes this model's logits output; set quantize.lm_head: same")
+    if not node.name:
+        node.name = "edgeft_lm_head"
+    return node.name
 
 
 def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
@@ -252,5 +295,5 @@ def run(model: Artifact, config: QuantizeConfig, ctx: BuildContext) -> Artifact:
         stage="quantize",
         key="",
         metrics={"accuracy": evaluation["exact_match"], "eval": evaluation, "top1_agreement": round(agreement, 4), "max_abs_diff_vs_fp32": round(max_abs_diff, 4)},
-        info={**model.info, "precision": PRECISION[config.mode]},
+        info={**model.info, "precision": PRECISION[config.mode] + ("" if config.lm_head == "same" else f"+{config.lm_head}-head")},
     )
