@@ -97,7 +97,7 @@ def default_candidates(profile, prefix: list[dict[str, dict[str, Any]]], target,
     for name, stages in DEFAULT_CANDIDATES.items():
         planned = pipeline.plan(profile, prefix + stages, where=f"search.candidates.{name}")
         try:
-            check_plan(planned, target, f"candidate {name}")
+            check_plan(planned, target, f"on {target.name}")
         except ConfigError as exc:
             log(f"candidate {name}: left out: {exc}")
             continue

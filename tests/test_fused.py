@@ -170,7 +170,8 @@ def test_every_quantize_mode_keeps_the_fused_graph(mode, llama, tmp_path):
 @pytest.mark.parametrize("graph", ["fused", "generic"])
 def test_output_projection_takes_its_own_precision(graph, llama, tmp_path):
     """quantize lm_head: the MatMul that computes the logits gets its own bit width (or stays fp32), every other
-    MatMul the mode's; each model's size follows, and its logits stay near PyTorch's."""
+    MatMul the mode's (MatMulNBits, or int8-dynamic's MatMulInteger); each model's size follows, and its logits
+    stay near PyTorch's."""
     import onnx
 
     from edgeft.stages.quantize import QuantizeConfig, output_projection, quantize
@@ -178,7 +179,8 @@ def test_output_projection_takes_its_own_precision(graph, llama, tmp_path):
     head = output_projection(onnx.load(str(llama[graph]), load_external_data=False))
     sizes = {}
     for mode, lm_head, head_bits, block_bits in [("int4-weight", "same", 4, 4), ("int4-weight", "int8", 8, 4),
-                                                  ("int4-weight", "fp32", None, 4), ("int8-weight", "int4", 4, 8)]:
+                                                  ("int4-weight", "fp32", None, 4), ("int8-weight", "int4", 4, 8),
+                                                  ("int8-dynamic", "int4", 4, None)]:
         out = tmp_path / f"{mode}-{lm_head}" / "model.onnx"
         out.parent.mkdir()
         quantize(llama[graph], out, QuantizeConfig(mode=mode, lm_head=lm_head))
@@ -188,7 +190,10 @@ def test_output_projection_takes_its_own_precision(graph, llama, tmp_path):
         head_node = output_projection(model)
         assert head_node == head + (f"_Q{head_bits}" if head_bits else "")
         assert bits.pop(head_node) == head_bits
-        assert {b for b in bits.values() if b} == {block_bits}  # attention's own MatMuls (generic) have no weight
+        assert {b for b in bits.values() if b} == ({block_bits} if block_bits else set())  # attention's own MatMuls (generic) stay
+        integer = sum(node.op_type == "MatMulInteger" for node in model.graph.node)
+        # 2 layers of qkv (packed when fused; q, k, v apart when generic), o, gate, up and down
+        assert integer == (0 if block_bits else 2 * (5 if graph == "fused" else 7))
         sizes[mode, lm_head] = out.stat().st_size
         backend = _backend(out)
         logits, _ = backend.forward(np.asarray([ROW]), backend.empty_past())
@@ -213,8 +218,8 @@ def test_fused_is_refused_where_it_cannot_apply(tmp_path):
     tflite = pipeline.plan(Profile(name="p", stages=[{"export": {"format": "tflite"}}, {"quantize": {"mode": "int4-weight"}}]))
     with pytest.raises(ConfigError, match="quantize mode int4-weight does not apply to tflite models; use one of fp32, fp16"):
         check_plan(tflite, load_target("android-arm64"), "p.yaml")
-    with pytest.raises(ConfigError, match="lm_head: int8 applies to modes int4-weight and int8-weight, not int8-dynamic"):
-        pipeline.plan(Profile(name="p", stages=[{"export": {}}, {"quantize": {"mode": "int8-dynamic", "lm_head": "int8"}}]))
+    with pytest.raises(ConfigError, match="lm_head: int8 applies to modes int8-dynamic, int4-weight and int8-weight, not int8-static"):
+        pipeline.plan(Profile(name="p", stages=[{"export": {}}, {"quantize": {"mode": "int8-static", "lm_head": "int8"}}]))
     with pytest.raises(ConfigError, match="GPT2LMHeadModel; set export graph: auto"):
         check_fused_architecture(planned, {"architectures": ["GPT2LMHeadModel"]}, "m", "p.yaml")
     # auto: fused only for a covered architecture on ONNX Runtime, and the key says which runtime it was for

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,8 +91,6 @@ def test_search_with_impossible_budgets_exits_1_naming_the_closest(demo_build, r
 def test_default_candidates_are_those_the_target_runs():
     """No search section: every default candidate after the profile's shared stages, less what the target's runtime
     cannot run, each left out with its reason; a target none of them fits is told to declare its own."""
-    import pytest
-
     from edgeft.config import load_target
     from edgeft.errors import ConfigError
     from edgeft.search import DEFAULT_CANDIDATES, default_candidates, shared_prefix
@@ -104,6 +103,6 @@ def test_default_candidates_are_those_the_target_runs():
     assert [c.name for c in jetson] == ["fp32", "fp16", "int8-static"]
     assert [s.name for s in jetson[1].stages] == ["finetune", "merge", "export", "quantize"]
     assert len(logged) == len(DEFAULT_CANDIDATES) - 3
-    assert "candidate int4-b128: left out: candidate int4-b128: TensorRT cannot run quantize mode int4-weight" in "\n".join(logged)
+    assert "candidate int4-b128: left out: on jetson-orin: TensorRT cannot run quantize mode int4-weight" in "\n".join(logged)
     with pytest.raises(ConfigError, match="none of the default search candidates runs on target android-arm64 .tflite.; declare search.candidates"):
         default_candidates(profile, prefix, load_target("android-arm64"), logged.append)

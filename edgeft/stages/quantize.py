@@ -4,8 +4,8 @@ ONNX: fp16 (weights; inputs/outputs stay fp32: TensorRT builds an fp16 engine fr
 int8 static (Q/DQ, symmetric, calibrated on the task data: what TensorRT's explicit-quantization path
 reads), int8 or int4 weight-only (MatMulNBits, 8 or 4 bits) or fp32 (a copy). int8-dynamic computes in
 int8 (the fastest prefill on CPU); int8-weight reads int8 weights and computes like int4 (a faster decode).
-Weight-only modes can give the output projection (lm_head, a large share of a small model) its own
-precision: int8 for accuracy under int4 blocks, int4 for speed under int8 blocks, or fp32.
+int8-dynamic and the weight-only modes can give the output projection (lm_head, a large share of a small
+model) its own precision, weight-only in 8 or 4 bits or fp32: mixed precision.
 TFLite (ai-edge-quantizer): fp16 weights, int8-dynamic (dynamic-range), int8-weight (weight-only),
 int8-static (int8 weights and activations at the fully connected layers, calibrated on the task data), fp32.
 
@@ -49,8 +49,9 @@ class QuantizeConfig(BaseModel):
     # int4: the token embedding (a Gather) in 4 bits too (GatherBlockQuantized); it stays fp32 otherwise and is
     # a large share of a small model (TinyLlama: 262 MB of 912 MB). int8-dynamic always quantizes it.
     embeddings: bool = False
-    # int4-weight, int8-weight: the output projection's precision ("same": the mode's). Mixed precision: int4
-    # blocks with an int8 lm_head keep the next-token scores closer to fp32; int8 blocks with an int4 one decode faster.
+    # int8-dynamic, int4-weight, int8-weight: the output projection's precision ("same": the mode's; int8 and int4
+    # are weight-only MatMulNBits). Mixed precision: int4 blocks with an int8 lm_head keep the next-token scores
+    # closer to fp32; int8 blocks with an int4 one decode faster.
     lm_head: Literal["same", "int8", "int4", "fp32"] = "same"
     min_top1_agreement: float | None = Field(None, ge=0, le=1)  # None: the per-precision default above
     validation_examples: int = Field(16, ge=1)
@@ -59,8 +60,8 @@ class QuantizeConfig(BaseModel):
     def _embeddings_with_int4(self) -> "QuantizeConfig":
         if self.embeddings and self.mode != "int4-weight":
             raise ValueError(f"embeddings: true applies to mode int4-weight (mode {self.mode} keeps or always quantizes the embedding)")
-        if self.lm_head != "same" and self.mode not in ("int4-weight", "int8-weight"):
-            raise ValueError(f"lm_head: {self.lm_head} applies to modes int4-weight and int8-weight, not {self.mode}")
+        if self.lm_head != "same" and self.mode not in ("int8-dynamic", "int4-weight", "int8-weight"):
+            raise ValueError(f"lm_head: {self.lm_head} applies to modes int8-dynamic, int4-weight and int8-weight, not {self.mode}")
         return self
 
     @property
@@ -70,8 +71,8 @@ class QuantizeConfig(BaseModel):
 
     @property
     def lm_head_bits(self) -> int | None:
-        """Weight-only modes: bits of the output projection's MatMulNBits; None keeps it fp32."""
-        return {"same": self.bits, "int8": 8, "int4": 4, "fp32": None}[self.lm_head]
+        """lm_head int8 or int4: bits of the output projection's MatMulNBits; None otherwise."""
+        return {"int8": 8, "int4": 4}.get(self.lm_head)
 
 
 def calibration_feeds(model_path, rows: list[list[int]]) -> list[dict]:
@@ -173,9 +174,14 @@ def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[
     elif config.mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        head = _own_head(source, config)
         with _lean_dynamic_quantizer():
             quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=config.per_channel,
-                             use_external_data_format=large)
+                             use_external_data_format=large, nodes_to_exclude=[head] if head else None)
+        if head and config.lm_head_bits:
+            import onnx
+
+            onnx_io.save(_weight_only(onnx.load(str(dest)), config, config.lm_head_bits, nodes_to_include=[head]), dest)
     elif config.mode == "int8-static":
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -197,23 +203,31 @@ def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[
     else:
         import onnx
 
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        model = onnx.load(str(source))
-        head = output_projection(model) if config.lm_head_bits != config.bits else None
-
-        def weight_only(model, bits: int, **nodes):
-            quantizer = MatMulNBitsQuantizer(
-                model, bits=bits, block_size=config.block_size, is_symmetric=True, accuracy_level=config.accuracy_level,
-                op_types_to_quantize=("MatMul", "Gather") if config.embeddings else ("MatMul",), **nodes)
-            quantizer.process()
-            return quantizer.model.model
-
-        # ORT's default quantizer has one bit width per call: a mixed model is the blocks, then the head alone.
-        model = weight_only(model, config.bits, nodes_to_exclude=[head] if head else None)
+        # ORT's quantizers have one kind and bit width per call: a mixed model is the blocks, then the head alone.
+        head = _own_head(source, config)
+        model = _weight_only(onnx.load(str(source)), config, config.bits, nodes_to_exclude=[head] if head else None)
         if head and config.lm_head_bits:
-            model = weight_only(model, config.lm_head_bits, nodes_to_include=[head])
+            model = _weight_only(model, config, config.lm_head_bits, nodes_to_include=[head])
         onnx_io.save(model, dest)
+
+
+def _weight_only(model, config: QuantizeConfig, bits: int, **nodes):
+    """`model` with its MatMuls (and Gathers, with `embeddings`) as MatMulNBits of `bits`; `nodes`: ORT's
+    nodes_to_exclude or nodes_to_include."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=config.block_size, is_symmetric=True, accuracy_level=config.accuracy_level,
+        op_types_to_quantize=("MatMul", "Gather") if config.embeddings else ("MatMul",), **nodes)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _own_head(source, config: QuantizeConfig) -> str | None:
+    """The output projection's node name when `lm_head` gives it a precision of its own."""
+    import onnx
+
+    return None if config.lm_head == "same" else output_projection(onnx.load(str(source), load_external_data=False))
 
 
 # Ops between the output projection and the logits output in the graphs edgeft exports.
@@ -222,15 +236,13 @@ _PASS_THROUGH = ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze")
 
 def output_projection(model) -> str:
     """The name of the MatMul (or MatMulNBits, once quantized) that computes the `logits` output: the lm_head.
-    Named if it had no name (ORT's quantizers pick nodes by name)."""
+    ORT's quantizers pick nodes by name; both of edgeft's exporters name every node."""
     producer = {output: node for node in model.graph.node for output in node.output}
     node = producer.get("logits")
     while node is not None and node.op_type in _PASS_THROUGH:
         node = producer.get(node.input[0])
-    if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
-        raise ModelError("quantize lm_head: no MatMul computes this model's logits output; set quantize.lm_head: same")
-    if not node.name:
-        node.name = "edgeft_lm_head"
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits") or not node.name:
+        raise ModelError("quantize lm_head: no named MatMul computes this model's logits output; set quantize.lm_head: same")
     return node.name
 
 
