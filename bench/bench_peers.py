@@ -238,6 +238,8 @@ def weight_bytes(path: Path) -> tuple[int, int]:
     a Gather reads (the token embedding) one row a token."""
     import onnx
 
+    from edgeft.onnx_io import initializer_bytes
+
     model = onnx.load(str(path / "model.onnx" if path.is_dir() else path))
     readers: dict[str, set[str]] = {}
     for node in model.graph.node:
@@ -245,7 +247,7 @@ def weight_bytes(path: Path) -> tuple[int, int]:
             readers.setdefault(name, set()).add(node.op_type)
     total = read = 0
     for tensor in model.graph.initializer:
-        size = len(tensor.raw_data) if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).nbytes
+        size = initializer_bytes(tensor)
         total += size
         read += size // tensor.dims[0] if readers.get(tensor.name) in ({"Gather"}, {"GatherBlockQuantized"}) else size
     return total, read

@@ -48,15 +48,16 @@ def too_big_to_serialise(tensor_bytes: int) -> bool:
 
 def tensor_bytes(model) -> int:
     """Bytes held by the model's initializers (raw or typed data), without serialising the proto."""
+    return sum(initializer_bytes(tensor) for tensor in model.graph.initializer)
+
+
+def initializer_bytes(tensor) -> int:
+    """Bytes of one loaded initializer's data (raw or typed)."""
     import onnx
 
-    total = 0
-    for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data"):
-            total += len(tensor.raw_data)
-        else:
-            total += int(max(1, _numel(tensor.dims))) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return total
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    return int(max(1, _numel(tensor.dims))) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def _numel(dims) -> int:

@@ -172,15 +172,15 @@ def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[
         onnx_io.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
                                               disable_shape_infer=onnx_io.too_big_to_serialise(source_bytes)), dest)
     elif config.mode == "int8-dynamic":
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        head = _own_head(source, config)
+        # the head's name from the graph alone (ORT's quantizer loads the model itself)
+        head = None if config.lm_head == "same" else output_projection(onnx.load(str(source), load_external_data=False))
         with _lean_dynamic_quantizer():
             quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=config.per_channel,
                              use_external_data_format=large, nodes_to_exclude=[head] if head else None)
         if head and config.lm_head_bits:
-            import onnx
-
             onnx_io.save(_weight_only(onnx.load(str(dest)), config, config.lm_head_bits, nodes_to_include=[head]), dest)
     elif config.mode == "int8-static":
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -204,8 +204,9 @@ def _quantize(source, dest, config: QuantizeConfig, calibration_rows: list[list[
         import onnx
 
         # ORT's quantizers have one kind and bit width per call: a mixed model is the blocks, then the head alone.
-        head = _own_head(source, config)
-        model = _weight_only(onnx.load(str(source)), config, config.bits, nodes_to_exclude=[head] if head else None)
+        model = onnx.load(str(source))
+        head = None if config.lm_head == "same" else output_projection(model)
+        model = _weight_only(model, config, config.bits, nodes_to_exclude=[head] if head else None)
         if head and config.lm_head_bits:
             model = _weight_only(model, config, config.lm_head_bits, nodes_to_include=[head])
         onnx_io.save(model, dest)
@@ -221,13 +222,6 @@ def _weight_only(model, config: QuantizeConfig, bits: int, **nodes):
         op_types_to_quantize=("MatMul", "Gather") if config.embeddings else ("MatMul",), **nodes)
     quantizer.process()
     return quantizer.model.model
-
-
-def _own_head(source, config: QuantizeConfig) -> str | None:
-    """The output projection's node name when `lm_head` gives it a precision of its own."""
-    import onnx
-
-    return None if config.lm_head == "same" else output_projection(onnx.load(str(source), load_external_data=False))
 
 
 # Ops between the output projection and the logits output in the graphs edgeft exports.
